@@ -1,0 +1,86 @@
+"""The Starlette application: routes, JSON errors, a lifespan that owns every client and task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import ApiError, error_response, handle_api_error, handle_http_exception
+from gateway.hub import Hub
+from gateway.live import LiveChannels
+from gateway.routes import ROUTES, demo_page
+from gateway.state import GatewayState
+from shared.redis_client import RedisConnector
+from shared.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> Response:
+    _log.warning("%s %s: redis unavailable: %s", request.method, request.url.path, exc)
+    return error_response(503, "unavailable", "storage unavailable, retry later")
+
+
+def create_app(
+    settings: Settings, connector: Callable[[], RedisConnector], *, demo: bool = False
+) -> Starlette:
+    """The gateway app. ``connector`` is called in the lifespan to create this process's clients."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis_connector = connector()
+        redis = redis_connector.client()
+        hub: Hub
+        live = LiveChannels(
+            redis_connector.dedicated_connection,
+            lambda channel, payload: hub.on_message(channel, payload),
+            lambda: hub.on_resubscribed(),
+            ping_interval_s=min(settings.heartbeat_s, 5.0),
+        )
+        hub = Hub(
+            redis, live, backlog=settings.subscriber_backlog, heartbeat_s=settings.heartbeat_s
+        )
+        app.state.gateway = GatewayState(settings, redis, hub)
+        tasks = [asyncio.create_task(live.run()), asyncio.create_task(hub.run_housekeeping())]
+        _log.info("gateway using %s", redis_connector.description)
+        try:
+            yield
+        finally:
+            await hub.aclose()
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if not isinstance(result, asyncio.CancelledError):
+                    _log.error("gateway task ended with %r", result)
+            await redis_connector.aclose()
+
+    routes = list(ROUTES)
+    if demo:
+        routes.append(
+            demo_page(resources.files("gateway").joinpath("static/demo.html").read_bytes())
+        )
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: handle_api_error,
+            HTTPException: handle_http_exception,
+            RedisError: _redis_unavailable,
+        },
+    )
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for multi-process gateways: each process reads the environment once."""
+    settings = Settings.from_env(os.environ)
+    return create_app(settings, lambda: RedisConnector(settings))

@@ -1,0 +1,394 @@
+"""Fan-out inside one gateway process: one live feed per message, any number of subscribers.
+
+::
+
+    worker ─XADD+PUBLISH─▶ Redis ─one subscribed connection─▶ LiveChannels ─▶ Hub
+                             ▲                                               │ a _Tail per message
+                             └───── XRANGE (join, catch-up, resync) ◀────────┤
+                                                                             ▼
+                                                Subscriber (bounded queue) per client
+
+A subscriber first reads the stream itself (XRANGE from its cursor) until it has caught up, then
+attaches to the message's tail, which pushes every announced event to all attached subscribers:
+the live path costs no Redis read per token, however many clients watch. The seam is exact: a
+subscriber attaches only when the tail has delivered nothing newer than what it has read (checked
+without yielding to the event loop), and drops any event at or before its own position.
+
+A tail trusts pub/sub only while sequence numbers are consecutive; on a jump, or after the
+subscribed connection was re-established, it re-reads the stream from its last event. A
+subscriber whose queue reaches ``backlog`` events is detached and catches up from Redis at its
+own pace, so a slow client neither stalls the others nor loses anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.events import ZERO_ID, EntryId, Event
+from shared.streams import read_after, read_newest
+
+_log = logging.getLogger(__name__)
+_READ_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Events between ``after`` (None: the start) and ``resumes_at`` are no longer retained."""
+
+    after: EntryId | None
+    resumes_at: EntryId
+
+
+Item = Event | Gap
+
+
+class Subscriber:
+    """One client's view of a message from a cursor on: :meth:`next_batch` until None, then
+    :meth:`close`."""
+
+    def __init__(self, hub: Hub, message_id: str, after: EntryId, next_n: int | None) -> None:
+        self.message_id = message_id
+        self._hub = hub
+        self._last_id = after
+        self._next_n = next_n
+        self._pending: list[Item] = []
+        self._catching_up = True
+        self._finished = False
+        self._closed = False
+        self._heartbeat_due = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._tail: _Tail | None = None
+        self.last_active = hub.now()
+
+    async def next_batch(self) -> list[Item] | None:
+        """Items ready to send, in order; ``[]`` means "send a heartbeat"; None means the end.
+
+        The end comes after the terminal event, or once :meth:`close` was called.
+        """
+        while True:
+            if self._pending:
+                batch, self._pending = self._pending, []
+                self._heartbeat_due = False
+                self.last_active = self._hub.now()
+                return batch
+            if self._finished or self._closed:
+                return None
+            if self._heartbeat_due:
+                self._heartbeat_due = False
+                self.last_active = self._hub.now()
+                return []
+            if self._catching_up:
+                await self._catch_up()
+                continue
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        """Release everything this subscriber holds; a pending :meth:`next_batch` returns None."""
+        if self._closed:
+            return
+        self._closed = True
+        self._detach()
+        self._hub._forget(self)
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _push(self, event: Event) -> None:
+        """Called by the tail for every live event."""
+        if event.id <= self._last_id:
+            return  # already read from the stream while catching up
+        if len(self._pending) >= self._hub.backlog:
+            # Too slow: stop buffering in memory and re-read from Redis when the client drains.
+            self._detach()
+            self._catching_up = True
+            return
+        self._enqueue(event)
+        self._wake()
+
+    def _enqueue(self, event: Event) -> None:
+        if self._next_n != event.n:
+            self._pending.append(Gap(None if self._last_id == ZERO_ID else self._last_id, event.id))
+        self._pending.append(event)
+        self._last_id = event.id
+        self._next_n = event.n + 1
+        if event.kind.terminal:
+            self._finished = True
+            self._detach()
+
+    async def _catch_up(self) -> None:
+        stream = keys.message_stream(self.message_id)
+        events = await read_after(self._hub.redis, stream, self._last_id, count=_READ_BATCH)
+        self._hub.reads += 1
+        for event in events:
+            self._enqueue(event)
+            if self._finished:
+                return
+        if len(events) == _READ_BATCH or self._closed:
+            return
+        tail = self._hub._tail(self.message_id)
+        if not tail.ready:
+            await tail.wait_ready()
+            return  # read again: events may have arrived while the tail started
+        # No await between the read above and this check: the tail cannot move in between.
+        if tail.last_id <= self._last_id:
+            self._catching_up = False
+            self._tail = tail
+            tail.subscribers.add(self)
+
+    def _detach(self) -> None:
+        if self._tail is not None:
+            self._tail.subscribers.discard(self)
+            self._tail = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Tail:
+    """The live feed of one message in this process."""
+
+    def __init__(self, hub: Hub, message_id: str) -> None:
+        self.hub = hub
+        self.message_id = message_id
+        self.stream = keys.message_stream(message_id)
+        self.channel = keys.message_channel(message_id).encode()
+        self.subscribers: set[Subscriber] = set()
+        self.ready = False
+        self.last_id = ZERO_ID
+        self.last_n = -1
+        # Announcements that arrive while the tail starts or re-reads the stream wait here;
+        # None while announcements are delivered as they come.
+        self.held: list[Event] | None = []
+        self.task: asyncio.Task[None] | None = asyncio.create_task(self._sync(starting=True))
+
+    async def wait_ready(self) -> None:
+        """Wait until the tail knows its position (raises if starting failed)."""
+        task = self.task
+        if task is not None and not self.ready:
+            await asyncio.shield(task)
+
+    def announce(self, event: Event) -> None:
+        """Handle one event announced on the channel."""
+        if self.held is not None:
+            self.held.append(event)
+        elif event.n == self.last_n + 1:
+            self._deliver(event)
+        elif event.n > self.last_n:
+            self.held = [event]
+            self._start_sync()
+
+    def resync(self) -> None:
+        """Re-read the stream from the last delivered event: announcements may have been lost."""
+        if self.held is None:
+            self.held = []
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        self._reap()
+        self.task = asyncio.create_task(self._sync(starting=False))
+
+    async def _sync(self, *, starting: bool) -> None:
+        if starting:
+            # Subscribe before reading the newest entry: nothing published after the read is missed.
+            await self.hub.live.subscribe(self.channel)
+            newest = await read_newest(self.hub.redis, self.stream)
+            self.hub.reads += 1
+            if newest is not None:
+                self.last_id, self.last_n = newest.id, newest.n
+            self.ready = True
+        else:
+            await self._read_stream()
+        while True:
+            held, self.held = self.held or [], None
+            for index, event in enumerate(held):
+                if event.n == self.last_n + 1:
+                    self._deliver(event)
+                elif event.n > self.last_n:  # still a gap: read the stream again
+                    self.held = held[index:]
+                    break
+            if self.held is None:
+                return
+            await self._read_stream()
+
+    async def _read_stream(self) -> None:
+        """Deliver every entry after ``last_id``, retrying until Redis answers."""
+        failures = 0
+        while True:
+            try:
+                events = await read_after(
+                    self.hub.redis, self.stream, self.last_id, count=_READ_BATCH
+                )
+            except RedisError as exc:
+                failures += 1
+                _log.warning("re-reading %s failed (%s); retrying", self.message_id, exc)
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                continue
+            self.hub.reads += 1
+            for event in events:
+                # A jump in n here means trimmed history; subscribers report it as a Gap.
+                self._deliver(event)
+            if len(events) < _READ_BATCH:
+                return
+
+    def _deliver(self, event: Event) -> None:
+        if event.id <= self.last_id:
+            return
+        self.last_id, self.last_n = event.id, event.n
+        for subscriber in list(self.subscribers):
+            subscriber._push(event)
+
+    def _reap(self) -> None:
+        """Collect a finished sync task, logging how it failed."""
+        task = self.task
+        if task is not None and task.done():
+            self.task = None
+            if not task.cancelled() and task.exception() is not None:
+                _log.warning("tail %s failed", self.message_id, exc_info=task.exception())
+
+    @property
+    def failed(self) -> bool:
+        return not self.ready and self.task is not None and self.task.done()
+
+    async def aclose(self) -> None:
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class LiveChannelsLike(Protocol):
+    """What the hub needs of :class:`gateway.live.LiveChannels`."""
+
+    async def subscribe(self, channel: bytes) -> None: ...
+
+    async def unsubscribe(self, channel: bytes) -> None: ...
+
+
+class Hub:
+    """All tails and subscribers of one gateway process."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        live: LiveChannelsLike,
+        *,
+        backlog: int,
+        heartbeat_s: float,
+        linger_s: float = 5.0,
+    ) -> None:
+        self.redis = redis
+        self.live = live
+        self.backlog = backlog
+        self.heartbeat_s = heartbeat_s
+        # A tail nobody watches is kept this long, so clients that reconnect find it warm.
+        self.linger_s = linger_s
+        self.reads = 0  # XRANGE/XREVRANGE calls this hub made: the fan-out's whole read cost
+        self._tails: dict[str, _Tail] = {}
+        self._subscribers: set[Subscriber] = set()
+        # Subscribers per message (attached or catching up), and since when a message has none.
+        self._watchers: dict[str, int] = {}
+        self._unwatched_since: dict[str, float] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def subscribe(
+        self, message_id: str, *, after: EntryId = ZERO_ID, next_n: int | None = 0
+    ) -> Subscriber:
+        """A subscriber to ``message_id`` receiving every event after ``after``.
+
+        ``next_n`` is the sequence number of the first event expected; None when events are
+        known to be missing (a :class:`Gap` is reported before the first one).
+        """
+        subscriber = Subscriber(self, message_id, after, next_n)
+        self._subscribers.add(subscriber)
+        self._watchers[message_id] = self._watchers.get(message_id, 0) + 1
+        self._unwatched_since.pop(message_id, None)
+        return subscriber
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def tail_count(self) -> int:
+        return len(self._tails)
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        """LiveChannels callback: one announcement."""
+        # channel is b"tr:{<message id>}:live"
+        message_id = channel[channel.index(b"{") + 1 : channel.rindex(b"}")].decode()
+        tail = self._tails.get(message_id)
+        if tail is not None:
+            tail.announce(Event.from_announcement(payload))
+
+    def on_resubscribed(self) -> None:
+        """LiveChannels callback: the connection was re-established; announcements may be lost."""
+        for tail in self._tails.values():
+            if tail.ready:
+                tail.resync()
+
+    def _tail(self, message_id: str) -> _Tail:
+        tail = self._tails.get(message_id)
+        if tail is None or tail.failed:
+            if tail is not None:
+                tail._reap()  # its start failed (the waiting subscriber got the error): start anew
+            tail = self._tails[message_id] = _Tail(self, message_id)
+        return tail
+
+    def _forget(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        message_id = subscriber.message_id
+        left = self._watchers[message_id] - 1
+        if left:
+            self._watchers[message_id] = left
+        else:
+            del self._watchers[message_id]
+            if message_id in self._tails:
+                self._unwatched_since[message_id] = self.now()
+
+    async def run_housekeeping(self) -> None:
+        """Heartbeats for idle subscribers and removal of unwatched tails; run until cancelled."""
+        tick = self.heartbeat_s / 4
+        while True:
+            await asyncio.sleep(tick)
+            now = self.now()
+            for subscriber in self._subscribers:
+                if now - subscriber.last_active >= self.heartbeat_s:
+                    subscriber._heartbeat_due = True
+                    subscriber._wake()
+            await self._drop_idle_tails(now)
+
+    async def _drop_idle_tails(self, now: float) -> None:
+        expired = [m for m, since in self._unwatched_since.items() if now - since >= self.linger_s]
+        for message_id in expired:
+            del self._unwatched_since[message_id]
+            tail = self._tails.pop(message_id, None)
+            if tail is not None:
+                tail._reap()
+                await tail.aclose()
+                await self.live.unsubscribe(tail.channel)
+
+    async def aclose(self) -> None:
+        """End every subscriber and tail."""
+        for subscriber in list(self._subscribers):
+            subscriber.close()
+        tails, self._tails = list(self._tails.values()), {}
+        for tail in tails:
+            await tail.aclose()

@@ -1,0 +1,131 @@
+"""The gateway's one subscribed Redis connection, shared by every live message in the process.
+
+Pub/sub delivers each announcement at most once, and only while the connection lives. Callers
+therefore never trust it alone: after a reconnect, once every channel is subscribed again,
+``on_resubscribed`` fires and the hub re-reads each live message's stream from where it was.
+A silent dead peer is caught by a PING whenever the connection has been quiet for
+``ping_interval_s``; no reply within another interval counts as a broken connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from redis.asyncio import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+_log = logging.getLogger(__name__)
+_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class LiveChannels:
+    """Keeps a set of channels subscribed on one connection and hands their messages on."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        on_message: Callable[[bytes, bytes], None],
+        on_resubscribed: Callable[[], None],
+        *,
+        ping_interval_s: float,
+    ) -> None:
+        self._connect = connect
+        self._on_message = on_message
+        self._on_resubscribed = on_resubscribed
+        self._ping_interval_s = ping_interval_s
+        # Wanted channels, each with the future of its pending SUBSCRIBE confirmation (or None).
+        self._channels: dict[bytes, asyncio.Future[None] | None] = {}
+        self._conn: Connection | None = None
+        self._unconfirmed: set[bytes] = set()
+        self.reconnects = 0
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Subscribe to ``channel``; return once Redis confirmed it (retried across reconnects)."""
+        future = self._channels.get(channel)
+        if future is None:
+            if channel in self._channels:
+                return  # already confirmed
+            future = asyncio.get_running_loop().create_future()
+            self._channels[channel] = future
+            await self._send("SUBSCRIBE", channel)
+        await asyncio.shield(future)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        """Stop receiving ``channel``."""
+        future = self._channels.pop(channel, None)
+        if future is not None and not future.done():
+            future.cancel()
+        await self._send("UNSUBSCRIBE", channel)
+
+    async def _send(self, *args: str | bytes) -> None:
+        conn = self._conn
+        # Only write on the connection the reader owns: redis-py would silently reconnect a
+        # dropped one, and the reader would never resubscribe its channels.
+        if conn is None or not conn.is_connected:
+            return  # the reader reconnects and subscribes every wanted channel
+        try:
+            await conn.send_command(*args)
+        except RedisError as exc:
+            _log.debug("pub/sub write failed (%s); the reader will reconnect", exc)
+
+    async def run(self) -> None:
+        """Read forever, reconnecting with backoff; cancel to stop."""
+        failures = 0
+        while True:
+            conn = self._connect()
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+                channels = list(self._channels)
+                resubscribing = self.reconnects > 0 or failures > 0
+                self._unconfirmed = set(channels) if resubscribing else set()
+                if channels:
+                    await conn.send_command("SUBSCRIBE", *channels)
+                self._conn = conn
+                if resubscribing and not channels:
+                    self._on_resubscribed()
+                failures = 0
+                await self._read(conn)
+            except (RedisError, OSError) as exc:
+                delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+                failures += 1
+                self.reconnects += 1
+                _log.warning(
+                    "live channel connection lost (%s); reconnecting in %.2f s", exc, delay
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._conn = None
+                await conn.disconnect(nowait=True)
+
+    async def _read(self, conn: Connection) -> None:
+        ping_sent = False
+        while True:
+            reply = await conn.read_response(
+                timeout=self._ping_interval_s, disconnect_on_error=False
+            )
+            if reply is None:
+                if ping_sent:
+                    raise RedisConnectionError("no reply to PING on the live channel connection")
+                await conn.send_command("PING")
+                ping_sent = True
+                continue
+            ping_sent = False
+            kind = reply[0]
+            if kind == b"message":
+                self._on_message(reply[1], reply[2])
+            elif kind == b"subscribe":
+                self._confirmed(reply[1])
+
+    def _confirmed(self, channel: bytes) -> None:
+        future = self._channels.get(channel)
+        if future is not None and not future.done():
+            future.set_result(None)
+        if channel in self._channels:
+            self._channels[channel] = None
+        if self._unconfirmed:
+            self._unconfirmed.discard(channel)
+            if not self._unconfirmed:
+                self._on_resubscribed()

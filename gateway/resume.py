@@ -1,0 +1,53 @@
+"""Where a reader starts in a message, decided from the client's cursor in one round trip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from gateway.errors import ApiError
+from shared import keys
+from shared.events import ZERO_ID, EntryId, Event
+from shared.messages import END, STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class StartPoint:
+    """Read every event after ``after``; ``next_n`` is the expected first sequence number
+    (None when the cursor points into trimmed history, so a gap is reported first)."""
+
+    after: EntryId
+    next_n: int | None
+
+
+FINISHED = None
+
+
+async def locate(redis: Redis, message_id: str, cursor: EntryId | None) -> StartPoint | None:
+    """The start point for ``cursor``; None (:data:`FINISHED`) when it is the final event.
+
+    404 when the message does not exist (or expired); 400 when the cursor is not an event of it.
+    """
+    stream = keys.message_stream(message_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(keys.message_meta(message_id), [STATUS, END])
+        pipe.xrange(stream, min="-", max="+", count=1)
+        if cursor is not None and cursor != ZERO_ID:
+            pipe.xrange(stream, min=str(cursor), max=str(cursor), count=1)
+        replies = await pipe.execute()
+    (status, end), first = replies[0], replies[1]
+    if status is None:
+        raise ApiError(404, f"message {message_id} does not exist or has expired")
+    if cursor is None or cursor == ZERO_ID:
+        return StartPoint(ZERO_ID, 0)
+    if end is not None and EntryId.parse(end) == cursor:
+        return FINISHED
+    if replies[2]:
+        return StartPoint(cursor, Event.from_entry(*replies[2][0]).n + 1)
+    if first:
+        oldest = Event.from_entry(*first[0])
+        # Below the oldest entry is a real (trimmed) position only if entries were trimmed.
+        if cursor < oldest.id and oldest.n > 0:
+            return StartPoint(cursor, None)
+    raise ApiError(400, f"Last-Event-ID {cursor} is not an event of message {message_id}")

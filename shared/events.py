@@ -1,0 +1,81 @@
+"""The event model shared by writers and readers: stream entries, live announcements, entry ids.
+
+A message's stream holds one entry per event with three fields: ``n`` (sequence number from 0,
+consecutive; a reader that sees a jump knows it missed something), ``k`` (the kind) and ``d`` (the
+data: for a chunk the content as a JSON string literal, for an error a JSON object). The same
+fields are announced on the message's channel as ``b"<entry id> <n> <kind> <data>"``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
+
+# Ids reach Redis only after this check; the length cap keeps huge digit strings out.
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+class Kind(StrEnum):
+    """What an event is. ``DONE`` and ``ERROR`` are terminal: nothing follows them."""
+
+    CHUNK = "chunk"
+    DONE = "done"
+    ERROR = "error"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not Kind.CHUNK
+
+
+_KINDS = {k.value.encode(): k for k in Kind}
+
+
+class EntryId(NamedTuple):
+    """A Redis stream entry id, ordered as Redis orders them."""
+
+    ms: int
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> EntryId:
+        """Parse ``"<ms>-<seq>"``; raise ValueError for anything else."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        if not _ENTRY_ID.fullmatch(text):
+            raise ValueError(f"not a stream entry id: {text!r}")
+        ms, seq = text.split("-")
+        return cls(int(ms), int(seq))
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO_ID = EntryId(0, 0)
+
+
+@dataclass(slots=True)
+class Event:
+    """One event of a message, as read from its stream or its live channel."""
+
+    id: EntryId
+    raw_id: bytes
+    n: int
+    kind: Kind
+    data: bytes
+    #: Rendered SSE frames by format, filled by the gateway so each event is encoded once.
+    frames: dict[str, bytes] | None = None
+
+    @classmethod
+    def from_entry(cls, raw_id: bytes, fields: dict[bytes, bytes]) -> Event:
+        """Build from an XRANGE/XREAD entry."""
+        return cls(
+            EntryId.parse(raw_id), raw_id, int(fields[b"n"]), _KINDS[fields[b"k"]], fields[b"d"]
+        )
+
+    @classmethod
+    def from_announcement(cls, payload: bytes) -> Event:
+        """Build from a live-channel payload ``<id> <n> <kind> <data>``."""
+        raw_id, n, kind, data = payload.split(b" ", 3)
+        return cls(EntryId.parse(raw_id), raw_id, int(n), _KINDS[kind], data)

@@ -1,0 +1,106 @@
+"""Fixtures: a private redis-server per test session, settings, and a running gateway + worker.
+
+Tests talk to a real Redis started here on a free port (never the machine's own). Where no
+redis-server can be started, a local run skips with the reason; under CI (``CI`` set) it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.settings import Settings
+from tests.support import Stack, free_port, start_stack
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"real Redis required in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """URL of a private redis-server for this test session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        _unavailable("redis-server is not on PATH")
+        raise AssertionError("unreachable")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
+    log = os.path.join(workdir, "redis.log")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--loglevel",
+            "warning",
+            "--logfile",
+            log,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            with open(log, errors="replace") as text:
+                _unavailable(f"redis-server did not start: {text.read()[-2000:]}")
+        time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis(redis_server: str) -> AsyncIterator[Redis]:
+    """A client of the private Redis, flushed before the test."""
+    client = Redis.from_url(redis_server, protocol=2)
+    await client.flushall()
+    await client.config_resetstat()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(redis_server: str) -> Settings:
+    """Fast settings for tests: a quick mock model, one entry per token."""
+    return Settings(redis_url=redis_server, mock_token_delay_ms=1, coalesce_ms=0, heartbeat_s=5)
+
+
+@pytest.fixture
+async def stack(settings: Settings, redis: Redis) -> AsyncIterator[Stack]:
+    """A gateway on a free port and a worker, both against the private (flushed) Redis."""
+    assert await redis.ping()
+    async with start_stack(settings) as running:
+        yield running

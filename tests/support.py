@@ -1,0 +1,175 @@
+"""Test helpers: an in-process gateway + worker on real sockets, and an SSE parser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import fakeredis
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from gateway.app import create_app
+from gateway.hub import Hub
+from shared.redis_client import RedisConnector
+from shared.settings import Settings
+from worker import service
+
+
+@dataclass
+class SseEvent:
+    """One dispatched SSE event, as a browser EventSource would see it."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+@dataclass
+class SseParse:
+    events: list[SseEvent] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    retry: int | None = None
+
+
+def parse_sse(raw: bytes) -> SseParse:
+    """Parse an event stream as the WHATWG rules say (CRLF, LF or CR end a line; an event cut
+    off by the end of the stream is dropped)."""
+    text = raw.decode("utf-8").removeprefix("\ufeff")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    result = SseParse()
+    data: list[str] = []
+    event_type = ""
+    last_id: str | None = None
+    for line in lines[:-1]:  # the text after the last line break is an incomplete line
+        if line == "":
+            if data:
+                result.events.append(SseEvent("\n".join(data), event_type or "message", last_id))
+            data, event_type = [], ""
+            continue
+        if line.startswith(":"):
+            result.comments.append(line[1:].strip())
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event_type = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+        elif name == "retry" and value.isdigit():
+            result.retry = int(value)
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    """A running gateway (and optionally a worker) inside the test's event loop."""
+
+    url: str
+    app: Starlette
+    settings: Settings
+    worker_stop: asyncio.Event | None = None
+
+    @property
+    def hub(self) -> Hub:
+        hub: Hub = self.app.state.gateway.hub
+        return hub
+
+    def client(self, **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(20.0), **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def run_worker(
+    settings: Settings, connector: RedisConnector | None = None
+) -> AsyncIterator[None]:
+    """A worker running until the block exits."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.serve(settings, connector or RedisConnector(settings), stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def start_stack(
+    settings: Settings,
+    *,
+    worker: bool = True,
+    embedded: fakeredis.FakeServer | None = None,
+    linger_s: float | None = None,
+) -> AsyncIterator[Stack]:
+    """Start a gateway on a free port (and a worker unless ``worker=False``)."""
+    app = create_app(settings, lambda: RedisConnector(settings, embedded=embedded), demo=True)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.01)
+    stack = Stack(f"http://127.0.0.1:{port}", app, settings)
+    if linger_s is not None:
+        stack.hub.linger_s = linger_s
+    try:
+        if worker:
+            async with run_worker(settings, RedisConnector(settings, embedded=embedded)):
+                yield stack
+        else:
+            yield stack
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def read_stream(
+    client: httpx.AsyncClient, method: str, url: str, **kwargs: object
+) -> tuple[httpx.Response, bytes]:
+    """Send a request and read its whole (event-stream) body."""
+    async with client.stream(method, url, **kwargs) as response:  # type: ignore[arg-type]
+        body = await response.aread()
+    return response, body
+
+
+async def post_stream(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int
+) -> tuple[str, SseParse, bytes]:
+    """POST /chat/stream and read it to the end: (message id, parsed, raw body)."""
+    response, body = await read_stream(
+        client,
+        "POST",
+        "/chat/stream",
+        json={"prompt": prompt, "stream": True, "max_tokens": max_tokens},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert response.status_code == 200, body
+    return response.headers["x-message-id"], parse_sse(body), body
+
+
+def content_of(parsed: SseParse) -> str:
+    """The text carried by a parsed stream's chunk events."""
+    import orjson
+
+    return "".join(
+        orjson.loads(e.data)["content"]
+        for e in parsed.events
+        if e.event == "message" and e.data != "[DONE]"
+    )

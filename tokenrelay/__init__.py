@@ -1,0 +1,1 @@
+"""The ``tokenrelay`` command: the one place that wires the gateway and the worker together."""

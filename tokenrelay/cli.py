@@ -1,0 +1,141 @@
+"""``tokenrelay gateway | worker | dev``: argument parsing, logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from gateway.app import create_app
+from shared.errors import ConfigError
+from shared.redis_client import RedisConnector
+from shared.settings import Settings, settings_help
+from tokenrelay import dev
+from worker import service
+
+_log = logging.getLogger("tokenrelay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with every option and setting described in ``--help``."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="tokenrelay",
+        description="Resumable LLM token streaming over Server-Sent Events on Redis Streams.",
+        epilog=settings_help(),
+        formatter_class=formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the HTTP/SSE API (uvicorn + Starlette)",
+        epilog=settings_help(),
+        formatter_class=formatter,
+    )
+    _add_listen_options(gateway)
+    gateway.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="gateway processes sharing the port, one per core you give it (default: 1)",
+    )
+    gateway.add_argument(
+        "--demo", action="store_true", help="also serve the demo page at / (single process only)"
+    )
+
+    commands.add_parser(
+        "worker",
+        help="generate: take jobs from Redis and stream tokens into it",
+        epilog=settings_help(),
+        formatter_class=formatter,
+    )
+
+    dev_parser = commands.add_parser(
+        "dev",
+        help="gateway + worker in one process, with the demo page at /; "
+        "an embedded fakeredis unless REDIS_URL is set",
+        epilog=settings_help(),
+        formatter_class=formatter,
+    )
+    _add_listen_options(dev_parser)
+    return parser
+
+
+def _add_listen_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on (default: 8000)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port number")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokenrelay`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"tokenrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "gateway":
+        return _run_gateway(settings, args)
+    if args.command == "worker":
+        asyncio.run(_run_worker(settings))
+        return 0
+    asyncio.run(dev.run(settings, host=args.host, port=args.port))
+    return 0
+
+
+def _run_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        # uvicorn would otherwise wait forever for open event streams on SIGTERM.
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),
+    }
+    if args.workers > 1:
+        if args.demo:
+            print("tokenrelay: --demo needs a single gateway process", file=sys.stderr)
+            return 2
+        # Each process imports the factory and reads the same environment once.
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
+    else:
+        app = create_app(settings, lambda: RedisConnector(settings), demo=args.demo)
+        uvicorn.run(app, **common)
+    return 0
+
+
+async def _run_worker(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await service.serve(settings, RedisConnector(settings), stop)

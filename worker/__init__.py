@@ -1,0 +1,1 @@
+"""Generation workers: take jobs from Redis, run a model, append its tokens to the message."""

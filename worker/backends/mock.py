@@ -1,0 +1,102 @@
+"""A deterministic stand-in model for demos, benchmarks and tests.
+
+Its answer is a pure function of the prompt and ``max_tokens``: the prompt seeds a generator of
+word tokens, and the answer is its first ``max_tokens`` tokens (a longer answer extends a shorter
+one, as a real model's would at temperature 0). The vocabulary includes quotes, backslashes,
+newlines and non-ASCII text so that every path of the wire encoding is exercised.
+
+Failing on purpose: a prompt containing ``[[fail_after=N]]`` makes the backend raise
+:class:`~shared.errors.ModelError` after ``N`` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections.abc import AsyncIterator
+
+from shared.errors import ModelError
+from worker.backends.base import GenerationRequest
+
+_FAIL_AFTER = re.compile(r"\[\[fail_after=(\d{1,9})\]\]")
+
+_WORDS = (
+    "the",
+    "a",
+    "stream",
+    "token",
+    "relay",
+    "model",
+    "answer",
+    "Redis",
+    "gateway",
+    "worker",
+    "event",
+    "client",
+    "resume",
+    "quickly",
+    "every",
+    "message",
+    "is",
+    "of",
+    "and",
+    "to",
+    "in",
+    "without",
+    "gap",
+    "duplicate",
+    "café",
+    "naïve",
+    "Zürich",
+    "日本語",
+    "🙂",
+    "—",
+    '"quoted"',
+    "back\\slash",
+    "x<y>z",
+    "50%",
+    "it's",
+    "data:",
+    "id:",
+    "über",
+    "façade",
+    "λ",
+)
+_ENDINGS = (".", ",", "!", "?", ":", ";", ".\n", ".\n\n", "\r\n")
+
+
+def mock_tokens(prompt: str, max_tokens: int) -> list[str]:
+    """The exact tokens the mock answers ``prompt`` with: tests compare against this."""
+    rng = random.Random(hashlib.sha256(prompt.encode()).digest())
+    tokens: list[str] = []
+    while len(tokens) < max_tokens:
+        word = rng.choice(_WORDS)
+        tokens.append(word if not tokens else " " + word)
+        if len(tokens) < max_tokens and rng.random() < 0.12:
+            tokens.append(rng.choice(_ENDINGS))
+    return tokens
+
+
+def mock_text(prompt: str, max_tokens: int) -> str:
+    """The whole answer of the mock to ``prompt``."""
+    return "".join(mock_tokens(prompt, max_tokens))
+
+
+class MockBackend:
+    """Yields :func:`mock_tokens` one by one, ``token_delay_s`` apart."""
+
+    def __init__(self, *, token_delay_s: float) -> None:
+        self._token_delay_s = token_delay_s
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Generate the answer to ``request``; see the module docstring for failing on purpose."""
+        fail = _FAIL_AFTER.search(request.prompt)
+        fail_after = int(fail.group(1)) if fail else None
+        for index, token in enumerate(mock_tokens(request.prompt, request.max_tokens)):
+            if index == fail_after:
+                raise ModelError(f"mock model failed after {index} tokens, as the prompt asked")
+            if index and self._token_delay_s:
+                await asyncio.sleep(self._token_delay_s)
+            yield token

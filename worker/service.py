@@ -1,0 +1,30 @@
+"""Runs a worker process's lifecycle: clients created here, closed here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.redis_client import RedisConnector
+from shared.settings import Settings
+from worker.backends import create_backend
+from worker.runner import Worker, consumer_name
+
+_log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, connector: RedisConnector, stop: asyncio.Event) -> None:
+    """Take and generate jobs until ``stop`` is set; then finish (bounded) and close the clients."""
+    redis = connector.client()
+    try:
+        worker = Worker(
+            settings,
+            redis,
+            create_backend(settings),
+            consumer=consumer_name(),
+            embedded=connector.embedded,
+        )
+        _log.info("worker using %s", connector.description)
+        await worker.run(stop)
+    finally:
+        await connector.aclose()
