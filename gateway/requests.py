@@ -46,7 +46,7 @@ async def read_json_object(request: Request, *, max_bytes: int) -> dict[str, Any
 
 
 def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
-    """Validate a chat request: 422 for a missing, ill-typed or unknown field; 413 for a long prompt."""
+    """Validate a chat request: 422 for a bad or unknown field, 413 for a too-long prompt."""
     unknown = sorted(set(body) - _CHAT_FIELDS)
     if unknown:
         raise ApiError(422, f"unknown field(s): {', '.join(unknown)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import fakeredis
@@ -173,3 +173,12 @@ def content_of(parsed: SseParse) -> str:
         for e in parsed.events
         if e.event == "message" and e.data != "[DONE]"
     )
+
+
+async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, checking every 10 ms; fail after ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout_s} s")

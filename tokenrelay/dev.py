@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+from collections.abc import AsyncIterator
 
 import fakeredis
 import uvicorn
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from shared.redis_client import RedisConnector
@@ -17,35 +20,45 @@ from worker import service
 _log = logging.getLogger("tokenrelay.dev")
 
 
-def connector_factory(settings: Settings) -> tuple[RedisConnector, RedisConnector]:
-    """Connectors for the gateway and the worker: one shared fakeredis unless REDIS_URL is set."""
+def build_app(settings: Settings) -> Starlette:
+    """The gateway app (with the demo page) whose lifespan also runs a worker.
+
+    The worker lives in the lifespan, not beside ``server.serve()``: uvicorn re-raises SIGTERM
+    once it has served, which would kill the process before a worker stopped after it.
+    """
     server = fakeredis.FakeServer() if settings.redis_url is None else None
-    return RedisConnector(settings, embedded=server), RedisConnector(settings, embedded=server)
-
-
-async def run(settings: Settings, *, host: str, port: int) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM), then stop the worker too."""
-    gateway_connector, worker_connector = connector_factory(settings)
-    if gateway_connector.embedded:
+    if server is not None:
         _log.info(
             "REDIS_URL is not set: using an embedded fakeredis (data lives in this process only)"
         )
-    else:
-        _log.info("using Redis at %s", settings.effective_redis_url)
-    app = create_app(settings, lambda: gateway_connector, demo=True)
+    app = create_app(settings, lambda: RedisConnector(settings, embedded=server), demo=True)
+    gateway_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway_lifespan(app):
+            stop = asyncio.Event()
+            worker = asyncio.create_task(
+                service.serve(settings, RedisConnector(settings, embedded=server), stop)
+            )
+            try:
+                yield
+            finally:
+                stop.set()
+                await worker
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+async def run(settings: Settings, *, host: str, port: int) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM)."""
     config = uvicorn.Config(
-        app,
+        build_app(settings),
         host=host,
         port=port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
     )
-    server = uvicorn.Server(config)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(service.serve(settings, worker_connector, stop))
     _log.info("demo page: http://%s:%d/", host, port)
-    try:
-        await server.serve()
-    finally:
-        stop.set()
-        await worker
+    await uvicorn.Server(config).serve()

@@ -28,3 +28,4 @@ async def serve(settings: Settings, connector: RedisConnector, stop: asyncio.Eve
         await worker.run(stop)
     finally:
         await connector.aclose()
+    _log.info("worker stopped")

@@ -1,0 +1,216 @@
+"""The fan-out hub on a real Redis: read cost, slow subscribers, the seam, lost announcements."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.hub import Gap, Item, Subscriber
+from shared import keys
+from shared.events import Event, Kind
+from shared.settings import Settings
+from tests.support import (
+    Stack,
+    eventually,
+    parse_sse,
+    post_stream,
+    read_stream,
+    run_worker,
+    start_stack,
+)
+from worker.stream_writer import StreamWriter
+
+
+async def _redis_reads(redis: Redis) -> int:
+    """Stream reads Redis has served since the last CONFIG RESETSTAT (any client)."""
+    stats = await redis.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("xrange", "xrevrange", "xread")
+    )
+
+
+async def _submit(stack: Stack, prompt: str, max_tokens: int) -> str:
+    async with (
+        stack.client() as client,
+        client.stream(
+            "POST",
+            "/chat/stream",
+            json={"prompt": prompt, "max_tokens": max_tokens},
+            headers={"Accept": "text/event-stream"},
+        ) as response,
+    ):
+        return response.headers["x-message-id"]
+
+
+async def _drain(subscriber: Subscriber) -> list[Item]:
+    items: list[Item] = []
+    try:
+        while (batch := await subscriber.next_batch()) is not None:
+            items.extend(batch)
+    finally:
+        subscriber.close()
+    return items
+
+
+async def _fan_out_reads(
+    settings: Settings, redis: Redis, subscribers: int, tokens: int
+) -> tuple[int, int]:
+    """(reads while subscribers joined, reads while `tokens` tokens were generated)."""
+    async with start_stack(settings, worker=False) as stack:
+        message_id = await _submit(stack, "fan out", tokens)
+        await redis.config_resetstat()
+        readers = [stack.hub.subscribe(message_id) for _ in range(subscribers)]
+        tasks = [asyncio.create_task(_drain(r)) for r in readers]
+        await eventually(
+            lambda: stack.hub.tail_count > 0 and not any(r._catching_up for r in readers)
+        )
+        joined = await _redis_reads(redis)
+        await redis.config_resetstat()
+        async with run_worker(settings):
+            results = await asyncio.gather(*tasks)
+        during = await _redis_reads(redis)
+    assert all(len(items) == tokens + 1 for items in results)
+    assert all(items == results[0] for items in results)
+    return joined, during
+
+
+async def test_redis_reads_do_not_grow_with_subscribers_or_tokens(
+    settings: Settings, redis: Redis
+) -> None:
+    one_join, one_live = await _fan_out_reads(settings, redis, subscribers=1, tokens=100)
+    fifty_join, fifty_live = await _fan_out_reads(settings, redis, subscribers=50, tokens=100)
+    _, fifty_long_live = await _fan_out_reads(settings, redis, subscribers=50, tokens=400)
+    # Live tokens cost no read at all: the one subscribed connection carries them.
+    assert one_live == fifty_live == fifty_long_live == 0
+    # Joining costs a bounded number of reads per subscriber (its catch-up), never per token.
+    assert one_join <= 3
+    assert fifty_join <= 3 * 50
+
+
+async def test_subscribers_of_one_message_see_identical_sequences(stack: Stack) -> None:
+    async with stack.client() as client:
+        message_id = await _submit(stack, "many eyes", 60)
+        results = await asyncio.gather(
+            *(read_stream(client, "GET", f"/chat/stream/{message_id}") for _ in range(20))
+        )
+        _, full, _ = await post_stream(client, "many eyes", 60)
+    bodies = [parse_sse(raw).events for _, raw in results]
+    assert all(body == bodies[0] for body in bodies)
+    texts = [e.data for e in bodies[0]]
+    assert len(texts) == 61
+    assert [e.data.split('"content":')[-1] for e in bodies[0][:-1]] == [
+        e.data.split('"content":')[-1] for e in full.events[:-1]
+    ]
+
+
+@pytest.mark.usefixtures("redis")
+async def test_slow_subscriber_loses_nothing_and_does_not_hold_up_a_fast_one(
+    settings: Settings,
+) -> None:
+    small_backlog = dataclasses.replace(settings, subscriber_backlog=4)
+    async with start_stack(small_backlog, worker=False) as stack:
+        message_id = await _submit(stack, "slow and fast", 200)
+        fast, slow = stack.hub.subscribe(message_id), stack.hub.subscribe(message_id)
+        fast_task = asyncio.create_task(_drain(fast))
+        # Attach the slow one (its first read finds nothing); after that it reads nothing until
+        # the fast one has everything.
+        slow_first = asyncio.create_task(slow.next_batch())
+        await eventually(lambda: not fast._catching_up and not slow._catching_up)
+        async with run_worker(small_backlog):
+            fast_items = await fast_task  # completes while the slow one has read one batch
+            first_batch = await slow_first
+            assert first_batch is not None
+            assert len(slow._pending) <= small_backlog.subscriber_backlog
+            assert slow._catching_up  # it was detached, not buffered without bound
+            slow_items = first_batch + await _drain(slow)
+    assert len(fast_items) == 201
+    assert _ids(slow_items) == _ids(fast_items)
+    assert not any(isinstance(item, Gap) for item in slow_items)
+
+
+async def test_disconnect_releases_the_subscriber_and_generation_goes_on(
+    settings: Settings, redis: Redis
+) -> None:
+    slow_model = dataclasses.replace(settings, mock_token_delay_ms=10.0)
+    async with start_stack(slow_model, linger_s=0.0) as stack, stack.client() as client:
+        async with client.stream(
+            "POST",
+            "/chat/stream",
+            json={"prompt": "walk away", "max_tokens": 50},
+            headers={"Accept": "text/event-stream"},
+        ) as response:
+            message_id = response.headers["x-message-id"]
+            async for chunk in response.aiter_bytes():
+                if b"data:" in chunk:
+                    break  # hang up after the first event
+        await eventually(lambda: stack.hub.subscriber_count == 0)
+        # The tail goes once nobody has watched it for linger_s (and its channel is unsubscribed).
+        await eventually(lambda: stack.hub.tail_count == 0)
+        channels = await redis.pubsub_channels()
+        assert channels == []
+        # The generation was not cancelled: the whole answer is there to replay.
+        for _ in range(500):
+            if await redis.hget(keys.message_meta(message_id), "status") == b"done":
+                break
+            await asyncio.sleep(0.02)
+        _, raw = await read_stream(client, "GET", f"/chat/stream/{message_id}")
+    assert len(parse_sse(raw).events) == 51
+
+
+async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Redis) -> None:
+    """Kill the gateway's subscribed connection mid-stream: the tail re-reads what it missed."""
+    paced = dataclasses.replace(settings, mock_token_delay_ms=5.0)
+    async with start_stack(paced) as stack, stack.client() as client:
+        async with client.stream(
+            "POST",
+            "/chat/stream",
+            json={"prompt": "cut the wire", "max_tokens": 120},
+            headers={"Accept": "text/event-stream"},
+        ) as response:
+            message_id = response.headers["x-message-id"]
+            raw = b""
+            killed = 0
+            async for chunk in response.aiter_bytes():
+                raw += chunk
+                if killed < 3 and raw.count(b"\n\n") > 20 * (killed + 1):
+                    killed += await redis.client_kill_filter(_type="pubsub")
+        assert killed == 3
+        _, replay = await read_stream(client, "GET", f"/chat/stream/{message_id}")
+    live_events = parse_sse(raw).events
+    assert live_events == parse_sse(replay).events
+    assert len(live_events) == 121
+    assert "".join(e.data for e in live_events).count("[DONE]") == 1
+
+
+async def test_gap_in_announcements_triggers_a_re_read(settings: Settings, redis: Redis) -> None:
+    """An announcement that never arrives is noticed from the next one's sequence number."""
+    async with start_stack(settings, worker=False) as stack:
+        message_id = await _submit(stack, "gap", 3)
+        subscriber = stack.hub.subscribe(message_id)
+        task = asyncio.create_task(_drain(subscriber))
+        await eventually(lambda: not subscriber._catching_up)
+        writer = StreamWriter(redis, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
+        assert await writer.claim()
+        # Event 0 is written the way the append script writes it, minus its announcement.
+        await redis.xadd(keys.message_stream(message_id), {"n": "0", "k": "chunk", "d": '"lost "'})
+        await redis.hset(keys.message_meta(message_id), "seq", "1")
+        writer._next_n = 1
+        reads = stack.hub.reads
+        await writer.append(Kind.CHUNK, b'"found"')
+        await writer.append(Kind.DONE, b"")
+        items = await task
+    assert [(e.n, e.data) for e in items if isinstance(e, Event)] == [
+        (0, b'"lost "'),
+        (1, b'"found"'),
+        (2, b""),
+    ]
+    assert not any(isinstance(item, Gap) for item in items)
+    assert stack.hub.reads > reads  # the tail re-read the stream to find event 0
+
+
+def _ids(items: list[Item]) -> list[str]:
+    return [str(item.id) for item in items if isinstance(item, Event)]

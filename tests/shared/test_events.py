@@ -1,0 +1,43 @@
+"""Entry ids and the event codec shared by writers and readers."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import keys
+from shared.events import EntryId, Event, Kind
+
+
+def test_entry_ids_order_like_redis() -> None:
+    assert EntryId.parse("5-10") > EntryId.parse("5-9") > EntryId.parse("4-99")
+    assert str(EntryId.parse(b"1700000000000-3")) == "1700000000000-3"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "5", "5-", "-5", "a-b", "1-2-3", " 1-2", "1" * 21 + "-0", "1-0\n"]
+)
+def test_malformed_entry_ids_are_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="not a stream entry id"):
+        EntryId.parse(text)
+
+
+def test_announcement_and_entry_decode_to_the_same_event() -> None:
+    data = b'"a b\\nc"'
+    from_entry = Event.from_entry(b"7-1", {b"n": b"4", b"k": b"chunk", b"d": data})
+    from_channel = Event.from_announcement(b"7-1 4 chunk " + data)
+    assert from_entry == from_channel
+    assert from_entry.kind is Kind.CHUNK
+    assert not from_entry.kind.terminal
+    assert Event.from_announcement(b"8-0 5 done ").kind.terminal
+
+
+def test_every_key_of_a_message_shares_one_cluster_hash_tag() -> None:
+    message_id = "abcDEF123_-abcDEF123_-"
+    names = [
+        keys.message_stream(message_id),
+        keys.message_meta(message_id),
+        keys.message_channel(message_id),
+    ]
+    assert {name[name.index("{") : name.index("}") + 1] for name in names} == {
+        "{" + message_id + "}"
+    }

@@ -1,0 +1,88 @@
+"""The tokenrelay command: help, configuration errors, and the embedded dev mode as users run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from shared.settings import settings_table
+from tests.support import free_port, parse_sse
+from worker.backends.mock import mock_text
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenrelay", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["gateway"], ["worker"], ["dev"]])
+def test_help_describes_every_option_and_setting(command: list[str]) -> None:
+    result = _run(*command, "--help")
+    assert result.returncode == 0
+    for name, _, _ in settings_table():
+        assert name in result.stdout
+    if command in (["gateway"], ["dev"]):
+        assert "--host" in result.stdout
+        assert "--port" in result.stdout
+
+
+def test_bad_setting_stops_the_process_naming_the_variable() -> None:
+    result = _run("worker", env={**os.environ, "TOKENRELAY_HEARTBEAT_S": "often"})
+    assert result.returncode == 2
+    assert "TOKENRELAY_HEARTBEAT_S" in result.stderr
+
+
+def test_dev_mode_embeds_fakeredis_and_serves_resumable_streams() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["TOKENRELAY_MOCK_TOKEN_DELAY_MS"] = "1"
+    env["TOKENRELAY_COALESCE_MS"] = "0"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "dev", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+            time.sleep(0.1)
+        assert "EventSource" in httpx.get(url).text
+        with httpx.Client(base_url=url, timeout=20) as client:
+            posted = client.post("/chat/stream", json={"prompt": "dev mode", "max_tokens": 20})
+            events = parse_sse(posted.content).events
+            message_id = posted.headers["x-message-id"]
+            resumed = client.get(
+                f"/chat/stream/{message_id}", headers={"Last-Event-ID": events[9].id or ""}
+            )
+            assert parse_sse(resumed.content).events == events[10:]
+            whole = client.post(
+                "/chat/stream", json={"prompt": "dev mode", "max_tokens": 20, "stream": False}
+            )
+            assert whole.json()["content"] == mock_text("dev mode", 20)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    # uvicorn re-raises SIGTERM after its graceful shutdown: the conventional signal exit.
+    assert process.returncode in (0, -15), output
+    assert "embedded fakeredis" in output
+    assert "worker stopped" in output  # the embedded worker shut down before the process ended

@@ -1,0 +1,75 @@
+"""The job loop: consumer group, acknowledgement, and jobs that cannot be generated."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.messages import Job, submit
+from shared.settings import Settings
+from tests.support import run_worker
+
+
+async def _wait_for_empty_group(redis: Redis) -> None:
+    for _ in range(500):
+        groups = await redis.xinfo_groups(keys.JOBS_STREAM)
+        if groups and groups[0]["pending"] == 0 and await redis.xlen(keys.JOBS_STREAM) == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("jobs were not all acknowledged")
+
+
+async def test_jobs_are_generated_acknowledged_and_deleted(
+    settings: Settings, redis: Redis
+) -> None:
+    ids = [f"{i:022d}" for i in range(5)]
+    async with run_worker(settings):
+        for message_id in ids:
+            await submit(redis, Job(message_id, f"prompt {message_id}", 4), ttl_ms=60_000)
+        await _wait_for_empty_group(redis)
+    for message_id in ids:
+        assert await redis.hget(keys.message_meta(message_id), "status") == b"done"
+        assert await redis.xlen(keys.message_stream(message_id)) == 5
+
+
+async def test_jobs_queued_before_any_worker_started_are_taken(
+    settings: Settings, redis: Redis
+) -> None:
+    await submit(redis, Job("E" * 22, "early", 2), ttl_ms=60_000)
+    async with run_worker(settings):
+        await _wait_for_empty_group(redis)
+    assert await redis.hget(keys.message_meta("E" * 22), "status") == b"done"
+
+
+async def test_malformed_and_expired_jobs_are_dropped_without_output(
+    settings: Settings, redis: Redis
+) -> None:
+    await redis.xadd(keys.JOBS_STREAM, {"garbage": "1"})
+    await redis.xadd(keys.JOBS_STREAM, Job("X" * 22, "expired", 3).to_fields())  # type: ignore[arg-type]
+    async with run_worker(settings):
+        await _wait_for_empty_group(redis)
+        await submit(redis, Job("Y" * 22, "fine", 2), ttl_ms=60_000)
+        await _wait_for_empty_group(redis)
+    assert not await redis.exists(keys.message_stream("X" * 22))
+    assert await redis.hget(keys.message_meta("Y" * 22), "status") == b"done"
+
+
+async def test_many_generations_run_at_once(settings: Settings, redis: Redis) -> None:
+    import dataclasses
+
+    paced = dataclasses.replace(settings, mock_token_delay_ms=50.0, worker_concurrency=20)
+    async with run_worker(paced):
+        for i in range(20):
+            await submit(redis, Job(f"C{i:021d}", "parallel", 10), ttl_ms=60_000)
+        # 20 jobs of 10 tokens at 50 ms: all running together, none still queued.
+        for _ in range(300):
+            statuses = [
+                await redis.hget(keys.message_meta(f"C{i:021d}"), "status") for i in range(20)
+            ]
+            if all(s == b"running" for s in statuses):
+                break
+            await asyncio.sleep(0.01)
+        assert all(s == b"running" for s in statuses)
+        await _wait_for_empty_group(redis)

@@ -1,0 +1,77 @@
+"""The append script: fenced by owner, idempotent under retries, never resurrecting a message."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.events import ZERO_ID, Kind
+from shared.messages import Job, submit
+from shared.streams import read_after
+from worker.stream_writer import StreamWriter, WriteRefused
+
+MESSAGE = "M" * 22
+
+
+async def _writer(redis: Redis, owner: str = "attempt-1") -> StreamWriter:
+    return StreamWriter(redis, MESSAGE, owner, ttl_ms=60_000, maxlen=100)
+
+
+async def test_append_writes_announces_and_expires(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    writer = await _writer(redis)
+    assert await writer.claim()
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.message_channel(MESSAGE))
+    await writer.append(Kind.CHUNK, b'"hi"')
+    await writer.append(Kind.DONE, b"")
+    events = await read_after(redis, keys.message_stream(MESSAGE), ZERO_ID, count=10)
+    assert [(e.n, e.kind, e.data) for e in events] == [
+        (0, Kind.CHUNK, b'"hi"'),
+        (1, Kind.DONE, b""),
+    ]
+    meta = await redis.hgetall(keys.message_meta(MESSAGE))
+    assert meta[b"status"] == b"done"
+    assert meta[b"end"] == events[-1].raw_id
+    assert meta[b"seq"] == b"2"
+    assert 0 < await redis.pttl(keys.message_stream(MESSAGE)) <= 60_000
+    announced: list[bytes] = []
+    while len(announced) < 2:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        if message:
+            announced.append(message["data"])
+    assert announced == [events[0].raw_id + b' 0 chunk "hi"', events[1].raw_id + b" 1 done "]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_a_retried_append_is_not_written_twice(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    writer = await _writer(redis)
+    assert await writer.claim()
+    await writer.append(Kind.CHUNK, b'"once"')
+    writer._next_n = 0  # as if the reply to the first call had been lost and the call retried
+    await writer.append(Kind.CHUNK, b'"once"')
+    assert await redis.xlen(keys.message_stream(MESSAGE)) == 1
+
+
+async def test_another_attempt_cannot_write(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    owner = await _writer(redis, "attempt-1")
+    assert await owner.claim()
+    intruder = await _writer(redis, "attempt-2")
+    assert not await intruder.claim()
+    with pytest.raises(WriteRefused, match="fenced"):
+        await intruder.append(Kind.CHUNK, b'"mine"')
+    assert await redis.xlen(keys.message_stream(MESSAGE)) == 0
+
+
+async def test_an_expired_message_is_never_resurrected(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    writer = await _writer(redis)
+    assert await writer.claim()
+    await redis.delete(keys.message_meta(MESSAGE))
+    with pytest.raises(WriteRefused, match="gone"):
+        await writer.append(Kind.CHUNK, b'"late"')
+    assert not await redis.exists(keys.message_stream(MESSAGE))
+    assert not await writer.claim()
