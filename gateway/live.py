@@ -78,12 +78,14 @@ class LiveChannels:
             conn = self._connect()
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
+                # Publish the connection before taking the snapshot: a subscribe() from now on
+                # sends its own SUBSCRIBE, one from before is in the snapshot. None is lost.
+                self._conn = conn
                 channels = list(self._channels)
                 resubscribing = self.reconnects > 0 or failures > 0
                 self._unconfirmed = set(channels) if resubscribing else set()
                 if channels:
                     await conn.send_command("SUBSCRIBE", *channels)
-                self._conn = conn
                 if resubscribing and not channels:
                     self._on_resubscribed()
                 failures = 0

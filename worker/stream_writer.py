@@ -21,8 +21,8 @@ from shared.events import Kind
 from shared.messages import RUNNING
 
 _APPEND = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 'gone'} end
 local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq')
+if not meta[2] then return {0, 'gone'} end
 if meta[1] ~= ARGV[1] then return {0, 'fenced'} end
 local n = tonumber(ARGV[2])
 local seq = tonumber(meta[2])
@@ -30,8 +30,11 @@ if seq == n + 1 then return {2, 'duplicate'} end
 if seq ~= n then return {0, 'sequence'} end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], '*',
                       'n', ARGV[2], 'k', ARGV[3], 'd', ARGV[4])
-redis.call('HSET', KEYS[2], 'seq', n + 1)
-if ARGV[3] ~= 'chunk' then redis.call('HSET', KEYS[2], 'status', ARGV[3], 'end', id) end
+if ARGV[3] == 'chunk' then
+  redis.call('HSET', KEYS[2], 'seq', n + 1)
+else
+  redis.call('HSET', KEYS[2], 'seq', n + 1, 'status', ARGV[3], 'end', id)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
