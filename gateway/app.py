@@ -12,23 +12,25 @@ from importlib import resources
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 
-from gateway.errors import ApiError, error_response, handle_api_error, handle_http_exception
+from gateway import openai_api
+from gateway.errors import (
+    ApiError,
+    RetryLater,
+    handle_api_error,
+    handle_http_exception,
+    handle_redis_error,
+)
 from gateway.hub import Hub
-from gateway.live import LiveChannels
-from gateway.routes import ROUTES, demo_page
+from gateway.routes import ROUTES, demo_page, handle_retry_later
 from gateway.state import GatewayState
+from shared.live import LiveChannels
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
-
-
-async def _redis_unavailable(request: Request, exc: Exception) -> Response:
-    _log.warning("%s %s: redis unavailable: %s", request.method, request.url.path, exc)
-    return error_response(503, "unavailable", "storage unavailable, retry later")
+#: CLIENT SETNAME of a gateway's subscribed connection.
+LIVE_CONNECTION_NAME = "tokenrelay-gateway-live"
 
 
 def create_app(
@@ -42,13 +44,17 @@ def create_app(
         redis = redis_connector.client()
         hub: Hub
         live = LiveChannels(
-            redis_connector.dedicated_connection,
+            lambda: redis_connector.dedicated_connection(LIVE_CONNECTION_NAME),
             lambda channel, payload: hub.on_message(channel, payload),
             lambda: hub.on_resubscribed(),
             ping_interval_s=min(settings.heartbeat_s, 5.0),
         )
         hub = Hub(
-            redis, live, backlog=settings.subscriber_backlog, heartbeat_s=settings.heartbeat_s
+            redis,
+            live,
+            backlog=settings.subscriber_backlog,
+            heartbeat_s=settings.heartbeat_s,
+            presence_interval_s=settings.cancel_grace_s / 3,
         )
         app.state.gateway = GatewayState(settings, redis, hub)
         tasks = [asyncio.create_task(live.run()), asyncio.create_task(hub.run_housekeeping())]
@@ -64,7 +70,7 @@ def create_app(
                     _log.error("gateway task ended with %r", result)
             await redis_connector.aclose()
 
-    routes = list(ROUTES)
+    routes = [*ROUTES, *openai_api.ROUTES]
     if demo:
         routes.append(
             demo_page(resources.files("gateway").joinpath("static/demo.html").read_bytes())
@@ -75,7 +81,8 @@ def create_app(
         exception_handlers={
             ApiError: handle_api_error,
             HTTPException: handle_http_exception,
-            RedisError: _redis_unavailable,
+            RedisError: handle_redis_error,
+            RetryLater: handle_retry_later,
         },
     )
 

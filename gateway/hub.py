@@ -14,10 +14,11 @@ the live path costs no Redis read per token, however many clients watch. The sea
 subscriber attaches only when the tail has delivered nothing newer than what it has read (checked
 without yielding to the event loop), and drops any event at or before its own position.
 
-A tail trusts pub/sub only while sequence numbers are consecutive; on a jump, or after the
-subscribed connection was re-established, it re-reads the stream from its last event. A
-subscriber whose queue reaches ``backlog`` events is detached and catches up from Redis at its
-own pace, so a slow client neither stalls the others nor loses anything.
+A tail trusts pub/sub only while sequence numbers are consecutive. It re-reads the stream from
+its last event on a jump, after the subscribed connection was re-established, and whenever it
+has been quiet for a heartbeat interval (which also finds a last announcement that was lost, and
+a message that expired). A subscriber whose queue reaches ``backlog`` events is detached and
+catches up from Redis at its own pace, so a slow client neither stalls others nor loses anything.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.errors import TokenrelayError
 from shared.events import ZERO_ID, EntryId, Event
 from shared.streams import read_after, read_newest
 
 _log = logging.getLogger(__name__)
 _READ_BATCH = 512
+
+
+class MessageGone(TokenrelayError):
+    """The message expired or was deleted while a client was reading it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,7 @@ class Subscriber:
         self._catching_up = True
         self._finished = False
         self._closed = False
+        self._gone = False
         self._heartbeat_due = False
         self._waiter: asyncio.Future[None] | None = None
         self._tail: _Tail | None = None
@@ -70,7 +77,8 @@ class Subscriber:
     async def next_batch(self) -> list[Item] | None:
         """Items ready to send, in order; ``[]`` means "send a heartbeat"; None means the end.
 
-        The end comes after the terminal event, or once :meth:`close` was called.
+        The end comes after the terminal event, or once :meth:`close` was called. Raises
+        :class:`MessageGone` when the message disappeared, and RedisError when Redis fails.
         """
         while True:
             if self._pending:
@@ -78,6 +86,8 @@ class Subscriber:
                 self._heartbeat_due = False
                 self.last_active = self._hub.now()
                 return batch
+            if self._gone:
+                raise MessageGone(f"message {self.message_id} expired or was deleted")
             if self._finished or self._closed:
                 return None
             if self._heartbeat_due:
@@ -86,12 +96,8 @@ class Subscriber:
                 return []
             if self._catching_up:
                 await self._catch_up()
-                continue
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            else:
+                await self._wait()
 
     def close(self) -> None:
         """Release everything this subscriber holds; a pending :meth:`next_batch` returns None."""
@@ -102,9 +108,26 @@ class Subscriber:
         self._hub._forget(self)
         self._wake()
 
+    def end_gone(self) -> None:
+        """The message is gone: end this subscriber with :class:`MessageGone`."""
+        self._gone = True
+        self._detach()
+        self._wake()
+
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def _wait(self, *also: asyncio.Future[None]) -> None:
+        """Sleep until pushed, woken (heartbeat, close, end), or one of ``also`` completes."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if also:
+                await asyncio.wait({waiter, *also}, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await waiter
+        finally:
+            self._waiter = None
 
     def _push(self, event: Event) -> None:
         """Called by the tail for every live event."""
@@ -129,24 +152,37 @@ class Subscriber:
             self._detach()
 
     async def _catch_up(self) -> None:
-        stream = keys.message_stream(self.message_id)
-        events = await read_after(self._hub.redis, stream, self._last_id, count=_READ_BATCH)
-        self._hub.reads += 1
+        hub = self._hub
+        events = await read_after(
+            hub.redis, keys.message_stream(self.message_id), self._last_id, count=_READ_BATCH
+        )
+        hub.reads += 1
         for event in events:
             self._enqueue(event)
             if self._finished:
                 return
-        if len(events) == _READ_BATCH or self._closed:
+        if len(events) == _READ_BATCH or self._closed or self._gone:
             return
-        tail = self._hub._tail(self.message_id)
+        tail = hub._tail(self.message_id)
         if not tail.ready:
-            await tail.wait_ready()
+            # Wait for the tail to start, but stay responsive to heartbeats and close().
+            assert tail.task is not None
+            await self._wait(tail.task)
+            if tail.failed:
+                tail.raise_failure()
             return  # read again: events may have arrived while the tail started
         # No await between the read above and this check: the tail cannot move in between.
         if tail.last_id <= self._last_id:
             self._catching_up = False
             self._tail = tail
             tail.subscribers.add(self)
+        elif not events:
+            # The tail is ahead, yet Redis has nothing after our position: the stream was
+            # deleted or expired under us. Say so rather than asking again in a tight loop.
+            if not await hub.redis.exists(keys.message_meta(self.message_id)):
+                self.end_gone()
+            else:
+                await asyncio.sleep(0.05)
 
     def _detach(self) -> None:
         if self._tail is not None:
@@ -169,18 +205,27 @@ class _Tail:
         self.channel = keys.message_channel(message_id).encode()
         self.subscribers: set[Subscriber] = set()
         self.ready = False
+        self.broken = False
         self.last_id = ZERO_ID
         self.last_n = -1
+        self.last_heard = hub.now()
         # Announcements that arrive while the tail starts or re-reads the stream wait here;
         # None while announcements are delivered as they come.
         self.held: list[Event] | None = []
+        # Set when another re-read was asked for while one was running.
+        self.dirty = False
+        self.verify = False
         self.task: asyncio.Task[None] | None = asyncio.create_task(self._sync(starting=True))
 
-    async def wait_ready(self) -> None:
-        """Wait until the tail knows its position (raises if starting failed)."""
-        task = self.task
-        if task is not None and not self.ready:
-            await asyncio.shield(task)
+    @property
+    def failed(self) -> bool:
+        """It could not start (its task ended before it was ready)."""
+        return not self.ready and self.task is not None and self.task.done()
+
+    def raise_failure(self) -> None:
+        assert self.task is not None
+        exc = self.task.exception()
+        raise exc if exc is not None else MessageGone(f"tail of {self.message_id} stopped")
 
     def announce(self, event: Event) -> None:
         """Handle one event announced on the channel."""
@@ -192,44 +237,69 @@ class _Tail:
             self.held = [event]
             self._start_sync()
 
-    def resync(self) -> None:
-        """Re-read the stream from the last delivered event: announcements may have been lost."""
+    def resync(self, *, verify: bool = False) -> None:
+        """Re-read the stream from the last delivered event: announcements may have been lost.
+
+        With ``verify``, also check that the message still exists.
+        """
+        self.verify = self.verify or verify
         if self.held is None:
             self.held = []
             self._start_sync()
+        else:
+            self.dirty = True  # a running start or re-read reads once more when it is done
 
     def _start_sync(self) -> None:
         self._reap()
         self.task = asyncio.create_task(self._sync(starting=False))
 
     async def _sync(self, *, starting: bool) -> None:
-        if starting:
-            # Subscribe before reading the newest entry: nothing published after the read is missed.
-            await self.hub.live.subscribe(self.channel)
-            newest = await read_newest(self.hub.redis, self.stream)
-            self.hub.reads += 1
-            if newest is not None:
-                self.last_id, self.last_n = newest.id, newest.n
-            self.ready = True
-        else:
-            await self._read_stream()
-        while True:
-            held, self.held = self.held or [], None
-            for index, event in enumerate(held):
-                if event.n == self.last_n + 1:
-                    self._deliver(event)
-                elif event.n > self.last_n:  # still a gap: read the stream again
-                    self.held = held[index:]
-                    break
-            if self.held is None:
-                return
-            await self._read_stream()
+        try:
+            if starting:
+                # Subscribe before reading the newest entry: nothing published after the read
+                # is missed.
+                await self.hub.live.subscribe(self.channel)
+                newest = await read_newest(self.hub.redis, self.stream)
+                self.hub.reads += 1
+                if newest is not None:
+                    self.last_id, self.last_n = newest.id, newest.n
+                self.ready = True
+            else:
+                await self._read_stream()
+            while self._release_held():
+                self.dirty = False
+                await self._read_stream()
+        except (asyncio.CancelledError, RedisError):
+            raise  # cancelled with the tail; a failed start is reported to its subscribers
+        except Exception:
+            _log.exception("tail of %s broke; its clients will reconnect", self.message_id)
+            self._break()
+
+    def _release_held(self) -> bool:
+        """Deliver held announcements in order; True when the stream must be read again."""
+        held, self.held = self.held or [], None
+        for index, event in enumerate(held):
+            if event.n == self.last_n + 1:
+                self._deliver(event)
+            elif event.n > self.last_n:  # still a gap
+                self.held = held[index:]
+                return True
+        if self.dirty:
+            self.held = []
+            return True
+        return False
 
     async def _read_stream(self) -> None:
         """Deliver every entry after ``last_id``, retrying until Redis answers."""
         failures = 0
         while True:
             try:
+                if self.verify and not await self.hub.redis.exists(
+                    keys.message_meta(self.message_id)
+                ):
+                    self._end_gone()
+                    return
+                self.verify = False
                 events = await read_after(
                     self.hub.redis, self.stream, self.last_id, count=_READ_BATCH
                 )
@@ -239,6 +309,7 @@ class _Tail:
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))
                 continue
             self.hub.reads += 1
+            self.last_heard = self.hub.now()
             for event in events:
                 # A jump in n here means trimmed history; subscribers report it as a Gap.
                 self._deliver(event)
@@ -246,11 +317,22 @@ class _Tail:
                 return
 
     def _deliver(self, event: Event) -> None:
+        self.last_heard = self.hub.now()
         if event.id <= self.last_id:
             return
         self.last_id, self.last_n = event.id, event.n
         for subscriber in list(self.subscribers):
             subscriber._push(event)
+
+    def _end_gone(self) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.end_gone()
+        self.broken = True
+
+    def _break(self) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.close()
+        self.broken = True
 
     def _reap(self) -> None:
         """Collect a finished sync task, logging how it failed."""
@@ -260,10 +342,6 @@ class _Tail:
             if not task.cancelled() and task.exception() is not None:
                 _log.warning("tail %s failed", self.message_id, exc_info=task.exception())
 
-    @property
-    def failed(self) -> bool:
-        return not self.ready and self.task is not None and self.task.done()
-
     async def aclose(self) -> None:
         task, self.task = self.task, None
         if task is not None:
@@ -272,7 +350,7 @@ class _Tail:
 
 
 class LiveChannelsLike(Protocol):
-    """What the hub needs of :class:`gateway.live.LiveChannels`."""
+    """What the hub needs of :class:`shared.live.LiveChannels`."""
 
     async def subscribe(self, channel: bytes) -> None: ...
 
@@ -290,6 +368,7 @@ class Hub:
         backlog: int,
         heartbeat_s: float,
         linger_s: float = 5.0,
+        presence_interval_s: float = 10.0,
     ) -> None:
         self.redis = redis
         self.live = live
@@ -297,29 +376,44 @@ class Hub:
         self.heartbeat_s = heartbeat_s
         # A tail nobody watches is kept this long, so clients that reconnect find it warm.
         self.linger_s = linger_s
+        self.presence_interval_s = presence_interval_s
         self.reads = 0  # XRANGE/XREVRANGE calls this hub made: the fan-out's whole read cost
         self._tails: dict[str, _Tail] = {}
         self._subscribers: set[Subscriber] = set()
         # Subscribers per message (attached or catching up), and since when a message has none.
         self._watchers: dict[str, int] = {}
         self._unwatched_since: dict[str, float] = {}
+        # Cancel-on-disconnect messages watched here: subscriber count and presence lifetime.
+        self._presence: dict[str, tuple[int, int]] = {}
+        self._presence_renewed = 0.0
         self._loop = asyncio.get_running_loop()
 
     def now(self) -> float:
         return self._loop.time()
 
     def subscribe(
-        self, message_id: str, *, after: EntryId = ZERO_ID, next_n: int | None = 0
+        self,
+        message_id: str,
+        *,
+        after: EntryId = ZERO_ID,
+        next_n: int | None = 0,
+        watch_ms: int | None = None,
     ) -> Subscriber:
         """A subscriber to ``message_id`` receiving every event after ``after``.
 
         ``next_n`` is the sequence number of the first event expected; None when events are
-        known to be missing (a :class:`Gap` is reported before the first one).
+        known to be missing (a :class:`Gap` is reported before the first one). ``watch_ms``
+        (cancel-on-disconnect messages) makes this gateway renew the message's presence key
+        while the subscriber lives.
         """
         subscriber = Subscriber(self, message_id, after, next_n)
         self._subscribers.add(subscriber)
         self._watchers[message_id] = self._watchers.get(message_id, 0) + 1
         self._unwatched_since.pop(message_id, None)
+        if watch_ms is not None:
+            count, _ = self._presence.get(message_id, (0, watch_ms))
+            self._presence[message_id] = (count + 1, watch_ms)
+            self._presence_renewed = 0.0  # renew at the next tick
         return subscriber
 
     @property
@@ -341,14 +435,13 @@ class Hub:
     def on_resubscribed(self) -> None:
         """LiveChannels callback: the connection was re-established; announcements may be lost."""
         for tail in self._tails.values():
-            if tail.ready:
-                tail.resync()
+            tail.resync()
 
     def _tail(self, message_id: str) -> _Tail:
         tail = self._tails.get(message_id)
-        if tail is None or tail.failed:
+        if tail is None or tail.failed or tail.broken:
             if tail is not None:
-                tail._reap()  # its start failed (the waiting subscriber got the error): start anew
+                tail._reap()  # its start failed (the waiting subscriber got the error): anew
             tail = self._tails[message_id] = _Tail(self, message_id)
         return tail
 
@@ -362,28 +455,62 @@ class Hub:
             del self._watchers[message_id]
             if message_id in self._tails:
                 self._unwatched_since[message_id] = self.now()
+        presence = self._presence.get(message_id)
+        if presence is not None:
+            if presence[0] > 1:
+                self._presence[message_id] = (presence[0] - 1, presence[1])
+            else:
+                del self._presence[message_id]  # its key lapses by itself after watch_ms
 
     async def run_housekeeping(self) -> None:
-        """Heartbeats for idle subscribers and removal of unwatched tails; run until cancelled."""
-        tick = self.heartbeat_s / 4
+        """Heartbeats, checks of quiet tails, presence and removal of unwatched tails; run until
+        cancelled. A failing round is logged and the next one runs."""
+        tick = min(self.heartbeat_s, self.presence_interval_s) / 4
         while True:
             await asyncio.sleep(tick)
-            now = self.now()
-            for subscriber in self._subscribers:
-                if now - subscriber.last_active >= self.heartbeat_s:
-                    subscriber._heartbeat_due = True
-                    subscriber._wake()
-            await self._drop_idle_tails(now)
+            try:
+                await self._housekeeping_round()
+            except RedisError as exc:
+                _log.warning("housekeeping round failed: %s", exc)
+            except Exception:
+                _log.exception("housekeeping round failed")
+
+    async def _housekeeping_round(self) -> None:
+        now = self.now()
+        for subscriber in self._subscribers:
+            if now - subscriber.last_active >= self.heartbeat_s:
+                subscriber._heartbeat_due = True
+                subscriber._wake()
+        for tail in list(self._tails.values()):
+            if tail.ready and tail.subscribers and now - tail.last_heard >= self.heartbeat_s:
+                tail.last_heard = now
+                tail.resync(verify=True)
+        await self._renew_presence(now)
+        await self._drop_idle_tails(now)
+
+    async def _renew_presence(self, now: float) -> None:
+        if not self._presence or now - self._presence_renewed < self.presence_interval_s:
+            return
+        self._presence_renewed = now
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id, (_, watch_ms) in self._presence.items():
+                pipe.set(keys.message_watched(message_id), b"1", px=watch_ms)
+            await pipe.execute()
 
     async def _drop_idle_tails(self, now: float) -> None:
         expired = [m for m, since in self._unwatched_since.items() if now - since >= self.linger_s]
         for message_id in expired:
-            del self._unwatched_since[message_id]
+            # Awaits below let subscribers come and go: decide on the current state.
+            if message_id in self._watchers or self._unwatched_since.pop(message_id, None) is None:
+                continue
             tail = self._tails.pop(message_id, None)
-            if tail is not None:
-                tail._reap()
-                await tail.aclose()
-                await self.live.unsubscribe(tail.channel)
+            if tail is None:
+                continue
+            # Unsubscribe first: its write is queued before any SUBSCRIBE of a new tail for the
+            # same message, so the new subscription is not undone.
+            await self.live.unsubscribe(tail.channel)
+            tail._reap()
+            await tail.aclose()
 
     async def aclose(self) -> None:
         """End every subscriber and tail."""

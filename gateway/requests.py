@@ -12,7 +12,7 @@ from gateway.errors import ApiError
 from shared.events import EntryId
 from shared.settings import Settings
 
-_CHAT_FIELDS = {"prompt", "stream", "max_tokens"}
+_CHAT_FIELDS = {"prompt", "stream", "max_tokens", "cancel_on_disconnect"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class ChatRequest:
     prompt: str
     stream: bool
     max_tokens: int
+    cancel_on_disconnect: bool = False
 
 
 async def read_json_object(request: Request, *, max_bytes: int) -> dict[str, Any]:
@@ -71,7 +72,10 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
         raise ApiError(422, "field 'max_tokens' must be an integer")
     if not 1 <= max_tokens <= settings.max_tokens_limit:
         raise ApiError(422, f"field 'max_tokens' must be between 1 and {settings.max_tokens_limit}")
-    return ChatRequest(prompt=prompt, stream=stream, max_tokens=max_tokens)
+    cancel_on_disconnect = body.get("cancel_on_disconnect", False)
+    if not isinstance(cancel_on_disconnect, bool):
+        raise ApiError(422, "field 'cancel_on_disconnect' must be true or false")
+    return ChatRequest(prompt, stream, max_tokens, cancel_on_disconnect)
 
 
 def resume_cursor(request: Request) -> EntryId | None:

@@ -9,7 +9,17 @@ from redis.asyncio import Redis
 from gateway.errors import ApiError
 from shared import keys
 from shared.events import ZERO_ID, EntryId, Event
-from shared.messages import END, STATUS
+from shared.messages import CREATED_MS, END, INCLUDE_USAGE, MODEL, STATUS, WATCH_MS
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """What a renderer and the hub need to know of a message."""
+
+    model: str
+    created_s: int
+    include_usage: bool
+    watch_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,35 +29,45 @@ class StartPoint:
 
     after: EntryId
     next_n: int | None
+    info: MessageInfo
 
 
-FINISHED = None
-
-
-async def locate(redis: Redis, message_id: str, cursor: EntryId | None) -> StartPoint | None:
-    """The start point for ``cursor``; None (:data:`FINISHED`) when it is the final event.
+async def locate(
+    redis: Redis, message_id: str, cursor: EntryId | None, *, not_found: str = "not_found"
+) -> StartPoint | None:
+    """The start point for ``cursor``; None when it is the final event (nothing more, ever).
 
     404 when the message does not exist (or expired); 400 when the cursor is not an event of it.
     """
     stream = keys.message_stream(message_id)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hmget(keys.message_meta(message_id), [STATUS, END])
+        pipe.hmget(
+            keys.message_meta(message_id), [STATUS, END, MODEL, CREATED_MS, INCLUDE_USAGE, WATCH_MS]
+        )
         pipe.xrange(stream, min="-", max="+", count=1)
         if cursor is not None and cursor != ZERO_ID:
             pipe.xrange(stream, min=str(cursor), max=str(cursor), count=1)
         replies = await pipe.execute()
-    (status, end), first = replies[0], replies[1]
+    (status, end, model, created_ms, include_usage, watch_ms), first = replies[0], replies[1]
     if status is None:
-        raise ApiError(404, f"message {message_id} does not exist or has expired")
+        raise ApiError(
+            404, f"message {message_id} does not exist or has expired", error_type=not_found
+        )
+    info = MessageInfo(
+        model=(model or b"").decode(),
+        created_s=int(created_ms or 0) // 1000,
+        include_usage=include_usage == b"1",
+        watch_ms=int(watch_ms) if watch_ms else None,
+    )
     if cursor is None or cursor == ZERO_ID:
-        return StartPoint(ZERO_ID, 0)
+        return StartPoint(ZERO_ID, 0, info)
     if end is not None and EntryId.parse(end) == cursor:
-        return FINISHED
+        return None
     if replies[2]:
-        return StartPoint(cursor, Event.from_entry(*replies[2][0]).n + 1)
+        return StartPoint(cursor, Event.from_entry(*replies[2][0]).n + 1, info)
     if first:
         oldest = Event.from_entry(*first[0])
         # Below the oldest entry is a real (trimmed) position only if entries were trimmed.
         if cursor < oldest.id and oldest.n > 0:
-            return StartPoint(cursor, None)
+            return StartPoint(cursor, None, info)
     raise ApiError(400, f"Last-Event-ID {cursor} is not an event of message {message_id}")

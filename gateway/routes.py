@@ -1,23 +1,25 @@
-"""The HTTP endpoints of the gateway."""
+"""The seed HTTP endpoints (``/chat/stream``), health, and what the OpenAI endpoints share."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.errors import ApiError
-from gateway.hub import Gap, Subscriber
+from gateway.errors import ApiError, RetryLater
+from gateway.hub import Gap, MessageGone, Subscriber
+from gateway.render import Renderer, SeedRenderer
 from gateway.requests import accepts, parse_chat_request, read_json_object, resume_cursor
-from gateway.resume import locate
-from gateway.sse import EventStreamResponse, RetryLaterResponse, SeedRenderer
+from gateway.resume import StartPoint, locate
+from gateway.sse import EventStreamResponse, RetryLaterResponse, close_on_disconnect
 from gateway.state import GatewayState
-from shared.events import Kind
-from shared.messages import Job, is_message_id, new_message_id, submit
+from shared.events import Event, Kind
+from shared.messages import Job, is_message_id, new_message_id, request_cancel, submit
 
 _log = logging.getLogger(__name__)
 _SSE = "text/event-stream"
@@ -37,62 +39,130 @@ async def post_chat(request: Request) -> Response:
             406, f"'stream': {str(chat.stream).lower()} answers {wanted}, which Accept excludes"
         )
     message_id = new_message_id()
+    watch_ms = int(settings.cancel_grace_s * 1000) if chat.cancel_on_disconnect else None
     await submit(
         state.redis,
-        Job(message_id=message_id, prompt=chat.prompt, max_tokens=chat.max_tokens),
+        Job(
+            message_id=message_id,
+            prompt=chat.prompt,
+            max_tokens=chat.max_tokens,
+            model=settings.default_model,
+        ),
         ttl_ms=settings.stream_ttl_s * 1000,
+        model=settings.default_model,
+        watch_ms=watch_ms,
     )
-    subscriber = state.hub.subscribe(message_id)
+    subscriber = state.hub.subscribe(message_id, watch_ms=watch_ms)
     headers = {"X-Message-Id": message_id}
     if chat.stream:
         return EventStreamResponse(
             subscriber, SeedRenderer(message_id), retry_ms=settings.retry_ms, headers=headers
         )
-    content, error = await _collect(subscriber)
-    if error is not None:
-        # The model failed: same body as the stream's error event, as a gateway error.
-        return JSONResponse({"id": message_id, "error": error}, status_code=502, headers=headers)
-    return JSONResponse({"id": message_id, "content": content}, headers=headers)
+    events = await collect(request, subscriber)
+    if events[-1].kind is Kind.ERROR:
+        # The model failed: the stream's error event body, as a gateway error.
+        error = events[-1].data
+        return Response(
+            b'{"id":"' + message_id.encode() + b'","error":' + error + b"}",
+            status_code=502,
+            media_type=_JSON,
+            headers=headers,
+        )
+    answer: dict[str, object] = {"id": message_id, "content": "".join(e.content() for e in events)}
+    if events[-1].kind is Kind.CANCELLED:
+        answer["cancelled"] = True
+    return JSONResponse(answer, headers=headers)
 
 
 async def get_chat(request: Request) -> Response:
     """Replay a message from the start or after the client's cursor, then follow it live."""
+    message_id, start = await start_point(request)
+    if start is None:
+        return Response(status_code=204)  # the cursor is the final event: nothing more, ever
+    return stream_from(request, message_id, start, SeedRenderer(message_id))
+
+
+async def cancel_chat(request: Request) -> Response:
+    """Stop a generation: 202 (the stream ends with a cancelled event), 404, or 409 if finished."""
+    state = GatewayState.of(request)
+    message_id = request.path_params["message_id"]
+    if not is_message_id(message_id):
+        raise ApiError(404, f"message {message_id} does not exist")
+    outcome = await request_cancel(state.redis, message_id)
+    if outcome == "missing":
+        raise ApiError(404, f"message {message_id} does not exist or has expired")
+    if outcome == "finished":
+        raise ApiError(409, f"message {message_id} has already finished")
+    return JSONResponse({"id": message_id, "status": "cancelling"}, status_code=202)
+
+
+async def start_point(request: Request) -> tuple[str, StartPoint | None]:
+    """The message id of the path and where the client resumes in it (None: it has it all).
+
+    Redis being unreachable is answered at once with "retry later" (see RetryLaterResponse).
+    """
     state = GatewayState.of(request)
     message_id = request.path_params["message_id"]
     if not is_message_id(message_id):
         raise ApiError(404, f"message {message_id} does not exist")
     cursor = resume_cursor(request)
     try:
-        start = await locate(state.redis, message_id, cursor)
-    except RedisError as exc:
+        return message_id, await locate(state.redis, message_id, cursor)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
         _log.warning("resume of %s deferred: %s", message_id, exc)
-        return RetryLaterResponse(state.settings.retry_ms, "storage unavailable, retry later")
-    if start is None:
-        return Response(status_code=204)  # the cursor is the final event: nothing more, ever
-    subscriber = state.hub.subscribe(message_id, after=start.after, next_n=start.next_n)
+        raise RetryLater(str(exc)) from exc
+
+
+def stream_from(
+    request: Request,
+    message_id: str,
+    start: StartPoint,
+    renderer: Renderer,
+    *,
+    retry_hint: bool = True,
+) -> Response:
+    """An event stream of ``message_id`` from ``start`` (with a ``retry:`` hint first, or not)."""
+    state = GatewayState.of(request)
+    subscriber = state.hub.subscribe(
+        message_id, after=start.after, next_n=start.next_n, watch_ms=start.info.watch_ms
+    )
+    retry_ms = state.settings.retry_ms if retry_hint else None
     return EventStreamResponse(
-        subscriber,
-        SeedRenderer(message_id),
-        retry_ms=state.settings.retry_ms,
-        headers={"X-Message-Id": message_id},
+        subscriber, renderer, retry_ms=retry_ms, headers={"X-Message-Id": message_id}
     )
 
 
-async def _collect(subscriber: Subscriber) -> tuple[str, dict[str, object] | None]:
-    """The whole text of a message, or its error event's body."""
-    parts: list[str] = []
+async def collect(request: Request, subscriber: Subscriber) -> list[Event]:
+    """Every event of a message up to its terminal one (for non-streaming answers).
+
+    The client may leave while it waits: that releases the subscriber too.
+    """
+    events: list[Event] = []
+    watcher = asyncio.ensure_future(close_on_disconnect(request.receive, subscriber))
     try:
         while (items := await subscriber.next_batch()) is not None:
             for item in items:
                 if isinstance(item, Gap):
                     raise ApiError(500, "part of the answer was trimmed (TOKENRELAY_STREAM_MAXLEN)")
-                if item.kind is Kind.CHUNK:
-                    parts.append(orjson.loads(item.data))
-                elif item.kind is Kind.ERROR:
-                    return "".join(parts), orjson.loads(item.data)
+                events.append(item)
+    except MessageGone as exc:
+        raise ApiError(404, str(exc)) from exc
     finally:
         subscriber.close()
-    return "".join(parts), None
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    if not events or not events[-1].kind.terminal:
+        raise ApiError(
+            503, "the client left or the answer was interrupted; retry", error_type="unavailable"
+        )
+    return events
+
+
+async def handle_retry_later(request: Request, exc: Exception) -> Response:
+    """A stream asked for while Redis is unreachable: come back later (see RetryLaterResponse)."""
+    return RetryLaterResponse(
+        GatewayState.of(request).settings.retry_ms, "storage unavailable, retry later"
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -102,10 +172,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Redis answers: this gateway can serve streams."""
-    try:
-        await GatewayState.of(request).redis.ping()
-    except RedisError as exc:
-        raise ApiError(503, f"redis unreachable: {exc}") from exc
+    await GatewayState.of(request).redis.ping()
     return JSONResponse({"status": "ready"})
 
 
@@ -121,6 +188,7 @@ def demo_page(html: bytes) -> Route:
 ROUTES = [
     Route("/chat/stream", post_chat, methods=["POST"]),
     Route("/chat/stream/{message_id}", get_chat, methods=["GET"]),
+    Route("/chat/stream/{message_id}/cancel", cancel_chat, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

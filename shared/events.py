@@ -2,8 +2,17 @@
 
 A message's stream holds one entry per event with three fields: ``n`` (sequence number from 0,
 consecutive; a reader that sees a jump knows it missed something), ``k`` (the kind) and ``d`` (the
-data: for a chunk the content as a JSON string literal, for an error a JSON object). The same
-fields are announced on the message's channel as ``b"<entry id> <n> <kind> <data>"``.
+data, JSON). The same fields are announced on the message's channel as
+``b"<entry id> <n> <kind> <data>"``.
+
+Kinds and their data:
+
+- ``chunk``: answer text, as a JSON string (the common case, and the one that is coalesced);
+- ``choice``: an OpenAI-style choice object without ``index`` (``delta`` with role, tool_calls,
+  refusal..., ``finish_reason``, ``logprobs``), exactly as the model backend produced it;
+- ``usage``: token counts, an OpenAI ``usage`` object;
+- ``done``: the end (data empty); ``error``: the end, ``{"type", "message"}``;
+  ``cancelled``: the end, generation stopped on request (``{"reason"}``).
 """
 
 from __future__ import annotations
@@ -13,22 +22,29 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+import orjson
+
 # Ids reach Redis only after this check; the length cap keeps huge digit strings out.
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_MAX_PART = 2**64 - 1
 
 
 class Kind(StrEnum):
-    """What an event is. ``DONE`` and ``ERROR`` are terminal: nothing follows them."""
+    """What an event is. ``DONE``, ``ERROR`` and ``CANCELLED`` are terminal: nothing follows."""
 
     CHUNK = "chunk"
+    CHOICE = "choice"
+    USAGE = "usage"
     DONE = "done"
     ERROR = "error"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self is not Kind.CHUNK
+        return self in _TERMINAL
 
 
+_TERMINAL = frozenset({Kind.DONE, Kind.ERROR, Kind.CANCELLED})
 _KINDS = {k.value.encode(): k for k in Kind}
 
 
@@ -45,8 +61,10 @@ class EntryId(NamedTuple):
             text = text.decode("ascii", "replace")
         if not _ENTRY_ID.fullmatch(text):
             raise ValueError(f"not a stream entry id: {text!r}")
-        ms, seq = text.split("-")
-        return cls(int(ms), int(seq))
+        ms, seq = (int(part) for part in text.split("-"))
+        if ms > _MAX_PART or seq > _MAX_PART:  # Redis ids are two unsigned 64-bit integers
+            raise ValueError(f"not a stream entry id: {text!r}")
+        return cls(ms, seq)
 
     def __str__(self) -> str:
         return f"{self.ms}-{self.seq}"
@@ -79,3 +97,14 @@ class Event:
         """Build from a live-channel payload ``<id> <n> <kind> <data>``."""
         raw_id, n, kind, data = payload.split(b" ", 3)
         return cls(EntryId.parse(raw_id), raw_id, int(n), _KINDS[kind], data)
+
+    def content(self) -> str:
+        """The answer text this event carries ("" for events without text)."""
+        if self.kind is Kind.CHUNK:
+            text: str = orjson.loads(self.data)
+            return text
+        if self.kind is Kind.CHOICE:
+            delta = orjson.loads(self.data).get("delta") or {}
+            content = delta.get("content")
+            return content if isinstance(content, str) else ""
+        return ""

@@ -12,6 +12,8 @@ PREFIX = "tr"
 JOBS_STREAM = f"{PREFIX}:jobs"
 #: The consumer group every worker joins on :data:`JOBS_STREAM`.
 JOBS_GROUP = "workers"
+#: Cancellation requests (payload: the message id), so the worker running it stops at once.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
 
 
 def message_stream(message_id: str) -> str:
@@ -27,3 +29,9 @@ def message_meta(message_id: str) -> str:
 def message_channel(message_id: str) -> str:
     """The pub/sub channel on which every appended event of a message is announced."""
     return f"{PREFIX}:{{{message_id}}}:live"
+
+
+def message_watched(message_id: str) -> str:
+    """Exists while some client watches the message (for ``cancel_on_disconnect``); gateways
+    with a subscriber keep renewing its expiry."""
+    return f"{PREFIX}:{{{message_id}}}:watched"

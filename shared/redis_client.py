@@ -62,12 +62,13 @@ class RedisConnector:
         self._clients.append(client)
         return client
 
-    def dedicated_connection(self) -> Connection:
-        """A connection outside every pool, for a subscriber that owns it for its whole life."""
+    def dedicated_connection(self, name: str) -> Connection:
+        """A connection outside every pool, for a subscriber that owns it for its whole life;
+        ``name`` is its CLIENT SETNAME, so operators can tell it apart in CLIENT LIST."""
         if self._embedded is not None:
             pool = fakeredis.FakeAsyncRedis(server=self._embedded, protocol=2).connection_pool
         else:
-            pool = ConnectionPool.from_url(self._url, **self._options)
+            pool = ConnectionPool.from_url(self._url, client_name=name, **self._options)
         connection: Connection = pool.make_connection()  # type: ignore[no-untyped-call]
         return connection
 

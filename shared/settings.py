@@ -55,7 +55,26 @@ class Settings:
         minimum=0,
     )
     mock_token_delay_ms: float = _setting(20.0, "The mock model's pause between tokens.", minimum=0)
-    backend: str = _setting("mock", "Model backend of the workers.", choices=("mock",))
+    backend: str = _setting(
+        "mock",
+        "Model backend of the workers: the deterministic mock, or an OpenAI-compatible upstream.",
+        choices=("mock", "openai"),
+    )
+    upstream_base_url: str | None = _setting(
+        None, "With `openai`: the upstream API base, e.g. `http://127.0.0.1:8001/v1` (required)."
+    )
+    upstream_api_key: str | None = _setting(None, "With `openai`: the bearer token sent upstream.")
+    upstream_model: str | None = _setting(
+        None, "Model of requests that name none (set it on gateways and workers alike)."
+    )
+    upstream_timeout_s: float = _setting(
+        60.0,
+        "With `openai`: longest wait for the upstream's next byte before the message fails.",
+        minimum=0.1,
+    )
+    cancel_grace_s: float = _setting(
+        30.0, "`cancel_on_disconnect` messages stop after this long without any client.", minimum=1
+    )
     max_prompt_chars: int = _setting(
         100_000, "Longest accepted prompt; longer ones get 413.", minimum=1
     )
@@ -107,7 +126,14 @@ class Settings:
             )
         if settings.default_max_tokens > settings.max_tokens_limit:
             raise ConfigError("TOKENRELAY_DEFAULT_MAX_TOKENS exceeds TOKENRELAY_MAX_TOKENS_LIMIT")
+        if settings.backend == "openai" and not settings.upstream_base_url:
+            raise ConfigError("TOKENRELAY_BACKEND=openai needs TOKENRELAY_UPSTREAM_BASE_URL")
         return settings
+
+    @property
+    def default_model(self) -> str:
+        """The model of requests that name none."""
+        return self.upstream_model or "tokenrelay-mock"
 
     @property
     def effective_redis_url(self) -> str:

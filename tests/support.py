@@ -107,6 +107,28 @@ async def run_worker(
 
 
 @contextlib.asynccontextmanager
+async def serve(app: Starlette) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port inside the test's loop; yield its URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    for _ in range(1000):
+        if server.started:
+            break
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@contextlib.asynccontextmanager
 async def start_stack(
     settings: Settings,
     *,
@@ -116,28 +138,15 @@ async def start_stack(
 ) -> AsyncIterator[Stack]:
     """Start a gateway on a free port (and a worker unless ``worker=False``)."""
     app = create_app(settings, lambda: RedisConnector(settings, embedded=embedded), demo=True)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            serving.result()
-        await asyncio.sleep(0.01)
-    stack = Stack(f"http://127.0.0.1:{port}", app, settings)
-    if linger_s is not None:
-        stack.hub.linger_s = linger_s
-    try:
+    async with serve(app) as url:
+        stack = Stack(url, app, settings)
+        if linger_s is not None:
+            stack.hub.linger_s = linger_s
         if worker:
             async with run_worker(settings, RedisConnector(settings, embedded=embedded)):
                 yield stack
         else:
             yield stack
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def read_stream(

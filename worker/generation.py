@@ -1,9 +1,10 @@
-"""Runs one generation: pulls tokens from the backend, coalesces them, appends events.
+"""Runs one generation: pulls pieces from the backend, coalesces text, appends events.
 
 Chunking trades latency for cost: every entry is one Redis write and one send per subscriber.
 The first chunk is written the moment it exists (first-token latency is what users feel); after
-it, tokens that arrive within ``coalesce_s`` of the first buffered one share one entry, and a
+it, text that arrives within ``coalesce_s`` of the first buffered piece shares one entry, and a
 timer flushes the buffer when the window closes, so no token waits longer than the window.
+Structured pieces (role, tool calls, finish reason, usage) flush the buffer and keep their order.
 """
 
 from __future__ import annotations
@@ -16,24 +17,33 @@ import orjson
 
 from shared.errors import ModelError
 from shared.events import Kind
-from worker.backends.base import GenerationRequest, ModelBackend
-from worker.stream_writer import StreamWriter, WriteRefused
+from worker.backends.base import Choice, GenerationRequest, ModelBackend, Piece
+from worker.stream_writer import CancelRequested, StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
 
 
 async def generate(
-    backend: ModelBackend, request: GenerationRequest, writer: StreamWriter, *, coalesce_s: float
+    backend: ModelBackend,
+    request: GenerationRequest,
+    writer: StreamWriter,
+    *,
+    coalesce_s: float,
+    cancelled: asyncio.Future[str] | None = None,
 ) -> None:
-    """Stream the backend's answer into ``writer``, ending with ``done`` or ``error``.
+    """Stream the backend's answer into ``writer``; end with ``done``, ``error`` or ``cancelled``.
 
-    A :class:`ModelError` becomes an error event after the tokens written so far. Any other
-    exception but :class:`WriteRefused` also ends the message with an ``internal_error`` event,
-    then propagates.
+    Generation stops, and the backend's stream is closed, as soon as ``cancelled`` resolves (to
+    the reason) or the append script reports a cancellation. A :class:`ModelError` becomes an
+    error event after what was written so far. Any other exception but :class:`WriteRefused`
+    also ends the message with an ``internal_error`` event, then propagates.
     """
-    tokens = backend.stream(request)
+    pieces = backend.stream(request)
     try:
-        await _copy_tokens(tokens, writer, coalesce_s)
+        await _copy_pieces(pieces, writer, coalesce_s, cancelled)
+    except CancelRequested as exc:
+        await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
+        return
     except ModelError as exc:
         await _append_error(writer, exc.error_type, str(exc))
         return
@@ -44,29 +54,41 @@ async def generate(
         await _append_error(writer, "internal_error", f"generation failed: {type(exc).__name__}")
         raise
     finally:
-        await _aclose(tokens)
+        await _aclose(pieces)
     await writer.append(Kind.DONE, b"")
 
 
-async def _copy_tokens(tokens: AsyncIterator[str], writer: StreamWriter, coalesce_s: float) -> None:
+async def _copy_pieces(
+    pieces: AsyncIterator[Piece],
+    writer: StreamWriter,
+    coalesce_s: float,
+    cancelled: asyncio.Future[str] | None,
+) -> None:
     chunker = _Chunker(writer, coalesce_s)
-    pending: asyncio.Future[str] | None = None
+    pending: asyncio.Future[Piece] | None = None
+    waits: set[asyncio.Future[object]] = set()
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(anext(tokens))
-            # Wait for the next token, but only until the coalescing window closes; the read
+                pending = asyncio.ensure_future(anext(pieces))
+            waits = {pending} if cancelled is None else {pending, cancelled}  # type: ignore[arg-type]
+            # Wait for the next piece, but only until the coalescing window closes; the read
             # stays in flight across the flush (cancelling it would close the backend's stream).
-            done, _ = await asyncio.wait({pending}, timeout=chunker.time_left())
-            if not done:
+            await asyncio.wait(
+                waits, timeout=chunker.time_left(), return_when=asyncio.FIRST_COMPLETED
+            )
+            if cancelled is not None and cancelled.done():
+                await chunker.flush_quietly()
+                raise CancelRequested(cancelled.result())
+            if not pending.done():
                 await chunker.flush()
                 continue
             finished, pending = pending, None
             try:
-                token = finished.result()
+                piece = finished.result()
             except StopAsyncIteration:
                 break
-            await chunker.add(token)
+            await chunker.add(piece)
     except ModelError:
         await chunker.flush()  # what the model produced before failing is part of the answer
         raise
@@ -78,7 +100,7 @@ async def _copy_tokens(tokens: AsyncIterator[str], writer: StreamWriter, coalesc
 
 
 class _Chunker:
-    """Applies the coalescing rule: first token at once, then one entry per window."""
+    """Applies the coalescing rule: first text at once, then one entry per window."""
 
     def __init__(self, writer: StreamWriter, coalesce_s: float) -> None:
         self._writer = writer
@@ -88,18 +110,25 @@ class _Chunker:
         self._deadline = 0.0
 
     def time_left(self) -> float | None:
-        """Seconds until the buffered tokens must be written; None when nothing is buffered."""
+        """Seconds until the buffered text must be written; None when nothing is buffered."""
         if not self._buffer:
             return None
         return max(0.0, self._deadline - self._loop.time())
 
-    async def add(self, token: str) -> None:
+    async def add(self, piece: Piece) -> None:
+        if not isinstance(piece, str):
+            await self.flush()
+            kind = Kind.CHOICE if isinstance(piece, Choice) else Kind.USAGE
+            await self._writer.append(kind, orjson.dumps(piece.fields))
+            return
+        if not piece:
+            return
         if self._coalesce_s <= 0 or self._writer.events_written == 0:
-            await self._writer.append(Kind.CHUNK, orjson.dumps(token))
+            await self._writer.append(Kind.CHUNK, orjson.dumps(piece))
             return
         if not self._buffer:
             self._deadline = self._loop.time() + self._coalesce_s
-        self._buffer.append(token)
+        self._buffer.append(piece)
         if self._loop.time() >= self._deadline:
             await self.flush()
 
@@ -109,12 +138,19 @@ class _Chunker:
             self._buffer.clear()
             await self._writer.append(Kind.CHUNK, orjson.dumps(text))
 
+    async def flush_quietly(self) -> None:
+        """Flush before stopping on a cancellation (whose own report the append may repeat)."""
+        try:
+            await self.flush()
+        except CancelRequested:
+            self._buffer.clear()
+
 
 async def _append_error(writer: StreamWriter, error_type: str, message: str) -> None:
     await writer.append(Kind.ERROR, orjson.dumps({"type": error_type, "message": message}))
 
 
-async def _aclose(tokens: AsyncIterator[str]) -> None:
-    aclose = getattr(tokens, "aclose", None)
+async def _aclose(pieces: AsyncIterator[Piece]) -> None:
+    aclose = getattr(pieces, "aclose", None)
     if aclose is not None:
         await aclose()

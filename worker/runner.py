@@ -2,6 +2,10 @@
 
 A job is acknowledged (and deleted, so the jobs stream stays small) only once its message has a
 terminal event, or when it can never be generated (malformed, expired, already taken).
+
+Cancellation reaches a running generation two ways: the append script refuses the next event of
+a message flagged for cancellation, and the worker follows the cancel channel so that a model
+that is silent (a long prefill, a stalled upstream) is stopped at once, not at its next token.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
-from redis.asyncio import Redis
+import orjson
+from redis.asyncio import Connection, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
+from shared.events import Kind
+from shared.live import LiveChannels
 from shared.messages import Job
 from shared.settings import Settings
 from worker.backends.base import GenerationRequest, ModelBackend
@@ -47,6 +55,7 @@ class Worker:
         backend: ModelBackend,
         *,
         consumer: str,
+        connect: Callable[[], Connection],
         embedded: bool = False,
     ) -> None:
         self._settings = settings
@@ -55,6 +64,11 @@ class Worker:
         self._consumer = consumer
         self._embedded = embedded
         self._tasks: set[asyncio.Task[None]] = set()
+        # Running generations by message id, each with the future that cancels it.
+        self._running: dict[str, asyncio.Future[str]] = {}
+        self._cancels = LiveChannels(
+            connect, self._on_cancel, self._on_resubscribed, ping_interval_s=5.0
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Generate jobs until ``stop`` is set, then let running generations finish (bounded)."""
@@ -65,6 +79,8 @@ class Worker:
         )
         stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         failures = 0
+        self._cancels.follow(keys.CANCEL_CHANNEL.encode())
+        listener = asyncio.create_task(self._cancels.run())
         try:
             while not stop.is_set():
                 self._reap()
@@ -90,6 +106,18 @@ class Worker:
             stopping.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
             await self._drain()
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    def _on_cancel(self, _channel: bytes, payload: bytes) -> None:
+        cancelled = self._running.get(payload.decode(errors="replace"))
+        if cancelled is not None and not cancelled.done():
+            cancelled.set_result("requested")
+
+    def _on_resubscribed(self) -> None:
+        # Requests announced while the connection was down are still flagged on the message:
+        # the next append of each running generation sees them.
+        _log.info("cancel channel subscribed again")
 
     async def _read_until_stop(
         self, count: int, stopping: asyncio.Future[Any]
@@ -151,18 +179,46 @@ class Worker:
             ttl_ms=settings.stream_ttl_s * 1000,
             maxlen=settings.stream_maxlen,
         )
-        if not await writer.claim():
-            _log.info(
-                "job %s: message %s expired or already taken; skipped", entry_id, job.message_id
-            )
-            await self._ack(entry_id)
-            return
-        request = GenerationRequest(prompt=job.prompt, max_tokens=job.max_tokens)
+        claim = await writer.claim()
+        if claim == "cancelled":  # cancelled while it waited in the queue
+            await writer.append(Kind.CANCELLED, orjson.dumps({"reason": "requested"}))
+        elif claim != "ok":
+            _log.info("job %s: message %s is %s; skipped", entry_id, job.message_id, claim)
+        else:
+            await self._generate(job, writer)
+        await self._ack(entry_id)
+
+    async def _generate(self, job: Job, writer: StreamWriter) -> None:
+        request = GenerationRequest(
+            prompt=job.prompt,
+            max_tokens=job.max_tokens,
+            messages=job.messages,
+            model=job.model,
+            params=job.params,
+        )
+        cancelled = self._running[job.message_id] = asyncio.get_running_loop().create_future()
         try:
-            await generate(self._backend, request, writer, coalesce_s=settings.coalesce_ms / 1000)
+            await generate(
+                self._backend,
+                request,
+                writer,
+                coalesce_s=self._settings.coalesce_ms / 1000,
+                cancelled=cancelled,
+            )
         except WriteRefused as exc:
             _log.warning("message %s: %s; generation stopped", job.message_id, exc)
-        await self._ack(entry_id)
+        except asyncio.CancelledError:
+            # Stopped past the shutdown grace: end the message rather than leave its readers
+            # waiting for an end that never comes.
+            interrupted = {
+                "type": "worker_shutdown",
+                "message": "the worker stopped mid-answer; ask again",
+            }
+            await asyncio.shield(writer.append(Kind.ERROR, orjson.dumps(interrupted)))
+            raise
+        finally:
+            del self._running[job.message_id]
+            cancelled.cancel()
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -17,15 +17,20 @@ async def serve(settings: Settings, connector: RedisConnector, stop: asyncio.Eve
     """Take and generate jobs until ``stop`` is set; then finish (bounded) and close the clients."""
     redis = connector.client()
     try:
-        worker = Worker(
-            settings,
-            redis,
-            create_backend(settings),
-            consumer=consumer_name(),
-            embedded=connector.embedded,
-        )
-        _log.info("worker using %s", connector.description)
-        await worker.run(stop)
+        backend = create_backend(settings)
+        try:
+            worker = Worker(
+                settings,
+                redis,
+                backend,
+                consumer=consumer_name(),
+                connect=lambda: connector.dedicated_connection("tokenrelay-worker-cancels"),
+                embedded=connector.embedded,
+            )
+            _log.info("worker using %s, %s backend", connector.description, settings.backend)
+            await worker.run(stop)
+        finally:
+            await backend.aclose()
     finally:
         await connector.aclose()
     _log.info("worker stopped")

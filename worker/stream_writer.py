@@ -4,8 +4,12 @@ One Lua script per event does everything atomically on the message's slot:
 
 - it refuses to write when the message no longer exists (expired or deleted: never resurrect),
   or when ``owner`` is not this attempt's token (a stale worker can never interleave tokens);
-- it checks the expected sequence number, so redis-py's automatic retry of a call whose reply
-  was lost cannot append the same event twice (the retry sees ``seq`` already advanced);
+- it is idempotent per call: every append carries a fresh call id, and the script skips a call
+  whose id is the last one applied, so redis-py's automatic retry of a call whose reply was lost
+  cannot append the same event twice. The script numbers events itself (``seq``), so a call made
+  after such a failure lands right after what was really written;
+- before a non-terminal event it checks for a cancellation request, and for
+  ``cancel_on_disconnect`` messages whether any client still watches; either stops generation;
 - it XADDs the entry, trims the stream to ``maxlen``, renews both keys' expiry, records the
   terminal entry id, and PUBLISHes the event on the message's channel for gateways.
 """
@@ -21,32 +25,40 @@ from shared.events import Kind
 from shared.messages import RUNNING
 
 _APPEND = """
-local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq')
+local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq', 'cancel', 'watch_ms', 'call')
 if not meta[2] then return {0, 'gone'} end
 if meta[1] ~= ARGV[1] then return {0, 'fenced'} end
-local n = tonumber(ARGV[2])
-local seq = tonumber(meta[2])
-if seq == n + 1 then return {2, 'duplicate'} end
-if seq ~= n then return {0, 'sequence'} end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], '*',
-                      'n', ARGV[2], 'k', ARGV[3], 'd', ARGV[4])
-if ARGV[3] == 'chunk' then
-  redis.call('HSET', KEYS[2], 'seq', n + 1)
+if meta[5] == ARGV[2] then return {2, 'duplicate'} end
+local terminal = ARGV[7] == '1'
+if not terminal then
+  if meta[3] then return {3, meta[3]} end
+  if meta[4] and redis.call('EXISTS', KEYS[4]) == 0 then
+    redis.call('HSET', KEYS[2], 'cancel', 'disconnected')
+    return {3, 'disconnected'}
+  end
+end
+local n = meta[2]
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], '*', 'n', n, 'k', ARGV[3], 'd', ARGV[4])
+if terminal then
+  redis.call('HSET', KEYS[2], 'seq', n + 1, 'call', ARGV[2], 'status', ARGV[3], 'end', id)
 else
-  redis.call('HSET', KEYS[2], 'seq', n + 1, 'status', ARGV[3], 'end', id)
+  redis.call('HSET', KEYS[2], 'seq', n + 1, 'call', ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', KEYS[3], id .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+redis.call('PUBLISH', KEYS[3], id .. ' ' .. n .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
 return {1, id}
 """
 
-# Claim a queued message for one generation attempt. Issue-2 semantics: a message is generated
-# once; a job redelivered for a message that already has an owner is not generated again.
+# Take a queued message for one generation attempt. A message is generated once: a job
+# redelivered for a message that already has an owner is not generated again. A retried claim
+# (its reply lost) finds its own owner token and succeeds.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
-if redis.call('HGET', KEYS[1], 'owner') ~= '' then return 'owned' end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', ARGV[2])
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'seq', 'cancel')
+if not meta[2] then return 'gone' end
+if meta[1] ~= '' and meta[1] ~= ARGV[1] then return 'owned' end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', ARGV[2], 'call', '')
+if meta[3] then return 'cancelled' end
 return 'ok'
 """
 
@@ -55,39 +67,61 @@ class WriteRefused(TokenrelayError):
     """The append script refused the write: the message is gone or another attempt owns it."""
 
 
+class CancelRequested(TokenrelayError):
+    """Generation must stop: a client cancelled, or nobody watched a cancel-on-disconnect one."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cancelled: {reason}")
+        self.reason = reason
+
+
 class StreamWriter:
     """Writes one message's events in order for one generation attempt."""
 
     def __init__(
         self, redis: Redis, message_id: str, owner: str, *, ttl_ms: int, maxlen: int
     ) -> None:
-        self._redis = redis
         self._keys = [
             keys.message_stream(message_id),
             keys.message_meta(message_id),
             keys.message_channel(message_id),
+            keys.message_watched(message_id),
         ]
         self._owner = owner
         self._ttl_ms = str(ttl_ms)
         self._maxlen = str(maxlen)
-        self._next_n = 0
+        self._calls = 0  # call ids issued, whatever became of the calls
+        self._written = 0
         self._append: AsyncScript = redis.register_script(_APPEND)
         self._claim: AsyncScript = redis.register_script(_CLAIM)
 
-    async def claim(self) -> bool:
-        """Take the message for this attempt; False when it is gone or already taken."""
+    async def claim(self) -> str:
+        """Take the message for this attempt: ``ok``, ``cancelled`` (taken, but cancellation was
+        requested before it started), ``gone`` or ``owned`` (not taken)."""
         result = await self._claim(keys=[self._keys[1]], args=[self._owner, RUNNING])
-        return bool(result == b"ok")
+        text: str = result.decode()
+        return text
 
     async def append(self, kind: Kind, data: bytes) -> None:
-        """Append one event; raise :class:`WriteRefused` when the fence or the message says no."""
-        args = [self._owner, str(self._next_n), kind.value, data, self._ttl_ms, self._maxlen]
+        """Append one event.
+
+        Raise :class:`WriteRefused` when the fence or the message says no, and
+        :class:`CancelRequested` (for non-terminal events) when generation must stop.
+        """
+        # A fresh call id per call, even after a failed one: only redis-py's own retries of
+        # this very call may repeat it.
+        call = str(self._calls)
+        self._calls += 1
+        terminal = "1" if kind.terminal else "0"
+        args = [self._owner, call, kind.value, data, self._ttl_ms, self._maxlen, terminal]
         code, detail = await self._append(keys=self._keys, args=args)
         if code == 0:
             raise WriteRefused(f"append refused: {detail.decode()}")
-        self._next_n += 1
+        if code == 3:
+            raise CancelRequested(detail.decode())
+        self._written += 1
 
     @property
     def events_written(self) -> int:
-        """How many events this writer has appended."""
-        return self._next_n
+        """How many events this writer knows it appended."""
+        return self._written

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from redis.asyncio import Redis
 
+from gateway.app import LIVE_CONNECTION_NAME
 from gateway.hub import Gap, Item, Subscriber
 from shared import keys
 from shared.events import Event, Kind
@@ -46,6 +47,19 @@ async def _submit(stack: Stack, prompt: str, max_tokens: int) -> str:
         return response.headers["x-message-id"]
 
 
+async def _attached_and_writer(
+    stack: Stack, redis: Redis, prompt: str
+) -> tuple[str, asyncio.Task[list[Item]], StreamWriter]:
+    """A message with one subscriber attached to its tail, and a writer that owns it (no worker)."""
+    message_id = await _submit(stack, prompt, 3)
+    subscriber = stack.hub.subscribe(message_id)
+    task = asyncio.create_task(_drain(subscriber))
+    await eventually(lambda: not subscriber._catching_up)
+    writer = StreamWriter(redis, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
+    assert await writer.claim() == "ok"
+    return message_id, task, writer
+
+
 async def _drain(subscriber: Subscriber) -> list[Item]:
     items: list[Item] = []
     try:
@@ -73,7 +87,8 @@ async def _fan_out_reads(
         async with run_worker(settings):
             results = await asyncio.gather(*tasks)
         during = await _redis_reads(redis)
-    assert all(len(items) == tokens + 1 for items in results)
+    # every token, the finish reason, usage and the end
+    assert all(len(items) == tokens + 3 for items in results)
     assert all(items == results[0] for items in results)
     return joined, during
 
@@ -127,7 +142,7 @@ async def test_slow_subscriber_loses_nothing_and_does_not_hold_up_a_fast_one(
             assert len(slow._pending) <= small_backlog.subscriber_backlog
             assert slow._catching_up  # it was detached, not buffered without bound
             slow_items = first_batch + await _drain(slow)
-    assert len(fast_items) == 201
+    assert len(fast_items) == 203
     assert _ids(slow_items) == _ids(fast_items)
     assert not any(isinstance(item, Gap) for item in slow_items)
 
@@ -150,8 +165,7 @@ async def test_disconnect_releases_the_subscriber_and_generation_goes_on(
         await eventually(lambda: stack.hub.subscriber_count == 0)
         # The tail goes once nobody has watched it for linger_s (and its channel is unsubscribed).
         await eventually(lambda: stack.hub.tail_count == 0)
-        channels = await redis.pubsub_channels()
-        assert channels == []
+        assert await redis.pubsub_channels("tr:{*") == []
         # The generation was not cancelled: the whole answer is there to replay.
         for _ in range(500):
             if await redis.hget(keys.message_meta(message_id), "status") == b"done":
@@ -177,7 +191,7 @@ async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Re
             async for chunk in response.aiter_bytes():
                 raw += chunk
                 if killed < 3 and raw.count(b"\n\n") > 20 * (killed + 1):
-                    killed += await redis.client_kill_filter(_type="pubsub")
+                    killed += await _kill_live_connection(redis)
         assert killed == 3
         _, replay = await read_stream(client, "GET", f"/chat/stream/{message_id}")
     live_events = parse_sse(raw).events
@@ -189,16 +203,10 @@ async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Re
 async def test_gap_in_announcements_triggers_a_re_read(settings: Settings, redis: Redis) -> None:
     """An announcement that never arrives is noticed from the next one's sequence number."""
     async with start_stack(settings, worker=False) as stack:
-        message_id = await _submit(stack, "gap", 3)
-        subscriber = stack.hub.subscribe(message_id)
-        task = asyncio.create_task(_drain(subscriber))
-        await eventually(lambda: not subscriber._catching_up)
-        writer = StreamWriter(redis, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
-        assert await writer.claim()
+        message_id, task, writer = await _attached_and_writer(stack, redis, "gap")
         # Event 0 is written the way the append script writes it, minus its announcement.
         await redis.xadd(keys.message_stream(message_id), {"n": "0", "k": "chunk", "d": '"lost "'})
         await redis.hset(keys.message_meta(message_id), "seq", "1")
-        writer._next_n = 1
         reads = stack.hub.reads
         await writer.append(Kind.CHUNK, b'"found"')
         await writer.append(Kind.DONE, b"")
@@ -212,5 +220,59 @@ async def test_gap_in_announcements_triggers_a_re_read(settings: Settings, redis
     assert stack.hub.reads > reads  # the tail re-read the stream to find event 0
 
 
+async def _kill_live_connection(redis: Redis) -> int:
+    clients = await redis.client_list()
+    ids = [c["id"] for c in clients if c.get("name") == LIVE_CONNECTION_NAME]
+    for client_id in ids:
+        await redis.client_kill_filter(_id=client_id)
+    return len(ids)
+
+
 def _ids(items: list[Item]) -> list[str]:
     return [str(item.id) for item in items if isinstance(item, Event)]
+
+
+@pytest.mark.usefixtures("redis")
+async def test_a_lost_final_announcement_is_found_by_the_quiet_check(
+    settings: Settings, redis: Redis
+) -> None:
+    quick = dataclasses.replace(settings, heartbeat_s=0.2)
+    async with start_stack(quick, worker=False) as stack:
+        message_id, task, writer = await _attached_and_writer(stack, redis, "lost end")
+        await writer.append(Kind.CHUNK, b'"only"')
+        # The end is written, but its announcement never arrives (as if the connection dropped).
+        end_id = await redis.xadd(keys.message_stream(message_id), {"n": "1", "k": "done", "d": ""})
+        await redis.hset(
+            keys.message_meta(message_id), mapping={"seq": "2", "status": "done", "end": end_id}
+        )
+        items = await asyncio.wait_for(task, 5)
+    assert [e.kind for e in items if isinstance(e, Event)] == [Kind.CHUNK, Kind.DONE]
+
+
+@pytest.mark.usefixtures("redis")
+async def test_a_message_that_expires_under_its_clients_ends_their_streams(
+    settings: Settings, redis: Redis
+) -> None:
+    quick = dataclasses.replace(settings, heartbeat_s=0.2)
+    async with start_stack(quick, worker=False) as stack, stack.client() as client:
+        message_id = await _submit(stack, "vanish", 3)
+        reader = asyncio.create_task(read_stream(client, "GET", f"/chat/stream/{message_id}"))
+        await eventually(lambda: stack.hub.tail_count == 1)
+        await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
+        response, raw = await asyncio.wait_for(reader, 5)  # the stream ends: the client reconnects
+        assert response.status_code == 200
+        assert not parse_sse(raw).events
+        assert (await client.get(f"/chat/stream/{message_id}")).status_code == 404
+
+
+async def test_an_announcement_it_cannot_read_does_not_stop_the_others(
+    stack: Stack, redis: Redis
+) -> None:
+    async with stack.client() as client:
+        message_id = await _submit(stack, "poison", 40)
+        await redis.publish(keys.message_channel(message_id), b"1-1 0 kind-from-the-future {}")
+        _, raw = await read_stream(client, "GET", f"/chat/stream/{message_id}")
+        message_id_2, events, _ = await post_stream(client, "after poison", 10)
+    assert parse_sse(raw).events[-1].data == "[DONE]"
+    assert events.events[-1].data == "[DONE]"
+    assert message_id_2 != message_id

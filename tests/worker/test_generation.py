@@ -31,7 +31,7 @@ async def _entries(redis: Redis) -> list[tuple[str, str]]:
 
 
 async def _writer(redis: Redis) -> StreamWriter:
-    await submit(redis, Job(MESSAGE, "p", 1), ttl_ms=60_000)
+    await submit(redis, Job(MESSAGE, "p", 1), ttl_ms=60_000, model="test")
     writer = StreamWriter(redis, MESSAGE, "owner", ttl_ms=60_000, maxlen=10_000)
     assert await writer.claim()
     return writer
@@ -51,6 +51,9 @@ class ScriptedModel:
                 raise ModelError("scripted failure")
             yield token
 
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
 
 async def test_zero_window_writes_one_entry_per_token(redis: Redis) -> None:
     writer = await _writer(redis)
@@ -58,9 +61,9 @@ async def test_zero_window_writes_one_entry_per_token(redis: Redis) -> None:
         MockBackend(token_delay_s=0), GenerationRequest("per token", 30), writer, coalesce_s=0
     )
     entries = await _entries(redis)
-    assert len(entries) == 31
+    assert len(entries) == 33  # 30 tokens, the finish reason, usage, the end
     assert "".join(d for k, d in entries if k == "chunk") == mock_text("per token", 30)
-    assert entries[-1] == ("done", "")
+    assert [k for k, _ in entries[-3:]] == ["choice", "usage", "done"]
 
 
 async def test_window_merges_tokens_but_writes_the_first_at_once(redis: Redis) -> None:
@@ -108,6 +111,9 @@ async def test_unexpected_failure_ends_the_message_and_propagates(redis: Redis) 
         async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
             yield "ok"
             raise RuntimeError("bug")
+
+        async def aclose(self) -> None:
+            """Nothing to release."""
 
     writer = await _writer(redis)
     with pytest.raises(RuntimeError, match="bug"):

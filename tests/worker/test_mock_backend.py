@@ -5,12 +5,24 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ModelError
-from worker.backends.base import GenerationRequest
+from worker.backends.base import Choice, GenerationRequest, Usage
 from worker.backends.mock import MockBackend, mock_text, mock_tokens
 
 
 async def _collect(backend: MockBackend, prompt: str, max_tokens: int) -> list[str]:
-    return [token async for token in backend.stream(GenerationRequest(prompt, max_tokens))]
+    pieces = [piece async for piece in backend.stream(GenerationRequest(prompt, max_tokens))]
+    *tokens, finish, usage = pieces
+    assert finish == Choice({"delta": {}, "finish_reason": "length"})
+    prompt_tokens = len(prompt.split())
+    assert usage == Usage(
+        {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": max_tokens,
+            "total_tokens": prompt_tokens + max_tokens,
+        }
+    )
+    assert all(isinstance(token, str) for token in tokens)
+    return [str(token) for token in tokens]
 
 
 async def test_output_is_a_pure_function_of_prompt_and_max_tokens() -> None:
@@ -36,7 +48,7 @@ async def test_fail_after_raises_a_model_error_after_n_tokens() -> None:
 
     async def consume() -> None:
         async for token in backend.stream(GenerationRequest("x [[fail_after=3]]", 10)):
-            tokens.append(token)
+            tokens.append(str(token))
 
     with pytest.raises(ModelError, match="after 3 tokens"):
         await consume()

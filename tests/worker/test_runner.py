@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.messages import Job, submit
 from shared.settings import Settings
+from shared.streams import read_newest
 from tests.support import run_worker
 
 
@@ -27,17 +28,21 @@ async def test_jobs_are_generated_acknowledged_and_deleted(
     ids = [f"{i:022d}" for i in range(5)]
     async with run_worker(settings):
         for message_id in ids:
-            await submit(redis, Job(message_id, f"prompt {message_id}", 4), ttl_ms=60_000)
+            await submit(
+                redis, Job(message_id, f"prompt {message_id}", 4), ttl_ms=60_000, model="test"
+            )
         await _wait_for_empty_group(redis)
     for message_id in ids:
         assert await redis.hget(keys.message_meta(message_id), "status") == b"done"
-        assert await redis.xlen(keys.message_stream(message_id)) == 5
+        assert (
+            await redis.xlen(keys.message_stream(message_id)) == 7
+        )  # 4 tokens, finish, usage, end
 
 
 async def test_jobs_queued_before_any_worker_started_are_taken(
     settings: Settings, redis: Redis
 ) -> None:
-    await submit(redis, Job("E" * 22, "early", 2), ttl_ms=60_000)
+    await submit(redis, Job("E" * 22, "early", 2), ttl_ms=60_000, model="test")
     async with run_worker(settings):
         await _wait_for_empty_group(redis)
     assert await redis.hget(keys.message_meta("E" * 22), "status") == b"done"
@@ -50,7 +55,7 @@ async def test_malformed_and_expired_jobs_are_dropped_without_output(
     await redis.xadd(keys.JOBS_STREAM, Job("X" * 22, "expired", 3).to_fields())  # type: ignore[arg-type]
     async with run_worker(settings):
         await _wait_for_empty_group(redis)
-        await submit(redis, Job("Y" * 22, "fine", 2), ttl_ms=60_000)
+        await submit(redis, Job("Y" * 22, "fine", 2), ttl_ms=60_000, model="test")
         await _wait_for_empty_group(redis)
     assert not await redis.exists(keys.message_stream("X" * 22))
     assert await redis.hget(keys.message_meta("Y" * 22), "status") == b"done"
@@ -62,7 +67,7 @@ async def test_many_generations_run_at_once(settings: Settings, redis: Redis) ->
     paced = dataclasses.replace(settings, mock_token_delay_ms=50.0, worker_concurrency=20)
     async with run_worker(paced):
         for i in range(20):
-            await submit(redis, Job(f"C{i:021d}", "parallel", 10), ttl_ms=60_000)
+            await submit(redis, Job(f"C{i:021d}", "parallel", 10), ttl_ms=60_000, model="test")
         # 20 jobs of 10 tokens at 50 ms: all running together, none still queued.
         for _ in range(300):
             statuses = [
@@ -73,3 +78,22 @@ async def test_many_generations_run_at_once(settings: Settings, redis: Redis) ->
             await asyncio.sleep(0.01)
         assert all(s == b"running" for s in statuses)
         await _wait_for_empty_group(redis)
+
+
+async def test_a_worker_stopped_mid_answer_ends_the_message(
+    settings: Settings, redis: Redis
+) -> None:
+    import dataclasses
+
+    slow = dataclasses.replace(settings, mock_token_delay_ms=100.0, shutdown_grace_s=0.2)
+    async with run_worker(slow):
+        await submit(redis, Job("S" * 22, "interrupted", 100), ttl_ms=60_000, model="test")
+        for _ in range(300):
+            if await redis.xlen(keys.message_stream("S" * 22)) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    meta = await redis.hgetall(keys.message_meta("S" * 22))
+    assert meta[b"status"] == b"error"
+    last = await read_newest(redis, keys.message_stream("S" * 22))
+    assert last is not None
+    assert b"worker_shutdown" in last.data

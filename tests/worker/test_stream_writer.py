@@ -19,9 +19,9 @@ async def _writer(redis: Redis, owner: str = "attempt-1") -> StreamWriter:
 
 
 async def test_append_writes_announces_and_expires(redis: Redis) -> None:
-    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
     writer = await _writer(redis)
-    assert await writer.claim()
+    assert await writer.claim() == "ok"
     pubsub = redis.pubsub()
     await pubsub.subscribe(keys.message_channel(MESSAGE))
     await writer.append(Kind.CHUNK, b'"hi"')
@@ -46,32 +46,53 @@ async def test_append_writes_announces_and_expires(redis: Redis) -> None:
 
 
 async def test_a_retried_append_is_not_written_twice(redis: Redis) -> None:
-    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
     writer = await _writer(redis)
-    assert await writer.claim()
+    assert await writer.claim() == "ok"
     await writer.append(Kind.CHUNK, b'"once"')
-    writer._next_n = 0  # as if the reply to the first call had been lost and the call retried
+    writer._calls -= 1  # as if the reply had been lost and redis-py sent the same call again
     await writer.append(Kind.CHUNK, b'"once"')
     assert await redis.xlen(keys.message_stream(MESSAGE)) == 1
 
 
+async def test_after_a_lost_reply_the_next_event_is_still_written(redis: Redis) -> None:
+    """A call whose reply was lost (retries exhausted) really happened; the next call, say the
+    error event, must land after it rather than be taken for a repeat."""
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
+    writer = await _writer(redis)
+    assert await writer.claim() == "ok"
+    await writer.append(Kind.CHUNK, b'"written, reply lost"')
+    writer._written -= 1  # the writer never learnt of it
+    await writer.append(Kind.ERROR, b'{"type":"x","message":"y"}')
+    events = await read_after(redis, keys.message_stream(MESSAGE), ZERO_ID, count=10)
+    assert [(e.n, e.kind) for e in events] == [(0, Kind.CHUNK), (1, Kind.ERROR)]
+    assert await redis.hget(keys.message_meta(MESSAGE), "status") == b"error"
+
+
+async def test_a_retried_claim_succeeds(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
+    writer = await _writer(redis)
+    assert await writer.claim() == "ok"
+    assert await writer.claim() == "ok"  # the same attempt again, as after a lost reply
+
+
 async def test_another_attempt_cannot_write(redis: Redis) -> None:
-    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
     owner = await _writer(redis, "attempt-1")
     assert await owner.claim()
     intruder = await _writer(redis, "attempt-2")
-    assert not await intruder.claim()
+    assert await intruder.claim() == "owned"
     with pytest.raises(WriteRefused, match="fenced"):
         await intruder.append(Kind.CHUNK, b'"mine"')
     assert await redis.xlen(keys.message_stream(MESSAGE)) == 0
 
 
 async def test_an_expired_message_is_never_resurrected(redis: Redis) -> None:
-    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000)
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
     writer = await _writer(redis)
-    assert await writer.claim()
+    assert await writer.claim() == "ok"
     await redis.delete(keys.message_meta(MESSAGE))
     with pytest.raises(WriteRefused, match="gone"):
         await writer.append(Kind.CHUNK, b'"late"')
     assert not await redis.exists(keys.message_stream(MESSAGE))
-    assert not await writer.claim()
+    assert await writer.claim() == "gone"

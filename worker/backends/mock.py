@@ -5,6 +5,9 @@ word tokens, and the answer is its first ``max_tokens`` tokens (a longer answer 
 one, as a real model's would at temperature 0). The vocabulary includes quotes, backslashes,
 newlines and non-ASCII text so that every path of the wire encoding is exercised.
 
+After the last token it reports ``finish_reason: "length"`` (the answer is exactly
+``max_tokens`` long) and usage: prompt tokens counted as whitespace-separated words.
+
 Failing on purpose: a prompt containing ``[[fail_after=N]]`` makes the backend raise
 :class:`~shared.errors.ModelError` after ``N`` tokens.
 """
@@ -18,7 +21,9 @@ import re
 from collections.abc import AsyncIterator
 
 from shared.errors import ModelError
-from worker.backends.base import GenerationRequest
+from worker.backends.base import Choice, GenerationRequest, Piece, Usage
+
+MOCK_MODEL = "tokenrelay-mock"
 
 _FAIL_AFTER = re.compile(r"\[\[fail_after=(\d{1,9})\]\]")
 
@@ -90,13 +95,26 @@ class MockBackend:
     def __init__(self, *, token_delay_s: float) -> None:
         self._token_delay_s = token_delay_s
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         """Generate the answer to ``request``; see the module docstring for failing on purpose."""
         fail = _FAIL_AFTER.search(request.prompt)
         fail_after = int(fail.group(1)) if fail else None
-        for index, token in enumerate(mock_tokens(request.prompt, request.max_tokens)):
+        tokens = mock_tokens(request.prompt, request.max_tokens)
+        for index, token in enumerate(tokens):
             if index == fail_after:
                 raise ModelError(f"mock model failed after {index} tokens, as the prompt asked")
             if index and self._token_delay_s:
                 await asyncio.sleep(self._token_delay_s)
             yield token
+        yield Choice({"delta": {}, "finish_reason": "length"})
+        prompt_tokens = len(request.prompt.split())
+        yield Usage(
+            {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+            }
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

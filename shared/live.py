@@ -1,4 +1,6 @@
-"""The gateway's one subscribed Redis connection, shared by every live message in the process.
+"""One subscribed Redis connection per process, shared by every channel it follows.
+
+Gateways follow live messages with it; workers follow cancellation requests.
 
 Pub/sub delivers each announcement at most once, and only while the connection lives. Callers
 therefore never trust it alone: after a reconnect, once every channel is subscribed again,
@@ -52,6 +54,13 @@ class LiveChannels:
             self._channels[channel] = future
             await self._send("SUBSCRIBE", channel)
         await asyncio.shield(future)
+
+    def follow(self, channel: bytes) -> None:
+        """Subscribe to ``channel`` from the next (re)connection on, without waiting for it.
+
+        For channels known before :meth:`run` starts; :meth:`subscribe` is for the rest.
+        """
+        self._channels.setdefault(channel, None)
 
     async def unsubscribe(self, channel: bytes) -> None:
         """Stop receiving ``channel``."""
@@ -117,9 +126,17 @@ class LiveChannels:
             ping_sent = False
             kind = reply[0]
             if kind == b"message":
-                self._on_message(reply[1], reply[2])
+                self._deliver(reply[1], reply[2])
             elif kind == b"subscribe":
                 self._confirmed(reply[1])
+
+    def _deliver(self, channel: bytes, payload: bytes) -> None:
+        try:
+            self._on_message(channel, payload)
+        except Exception:
+            # One message we cannot handle (say, a kind from a newer worker during a rolling
+            # deploy) must not end delivery for every other channel.
+            _log.exception("dropping a message on %r: %r", channel, payload[:200])
 
     def _confirmed(self, channel: bytes) -> None:
         future = self._channels.get(channel)

@@ -1,0 +1,212 @@
+"""The OpenAI-compatible API, checked with the official openai package as the client."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from redis.asyncio import Redis
+
+from shared.messages import prompt_of
+from shared.settings import Settings
+from tests.support import Stack, parse_sse, read_stream, start_stack
+from worker.backends.mock import mock_text
+
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "How do resumable streams work?"},
+]
+
+
+def _client(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+
+
+async def test_streaming_matches_non_streaming_with_role_finish_and_usage(stack: Stack) -> None:
+    client = _client(stack)
+    stream = await client.chat.completions.create(
+        model="tokenrelay-mock",
+        messages=MESSAGES,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    whole = await client.chat.completions.create(
+        model="tokenrelay-mock", messages=MESSAGES, max_tokens=30
+    )
+    await client.close()
+    expected = mock_text(prompt_of([dict(m) for m in MESSAGES]), 30)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == 30
+    *body, usage_chunk = chunks
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert body[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in body) == expected
+    assert body[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in body)
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == 30
+    assert usage_chunk.usage.total_tokens == usage_chunk.usage.prompt_tokens + 30
+
+
+async def test_without_include_usage_there_is_no_usage_chunk(stack: Stack) -> None:
+    client = _client(stack)
+    stream = await client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=5, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    assert all(c.choices for c in chunks)
+    assert chunks[0].model == "m"
+
+
+async def test_errors_arrive_as_the_packages_own_exceptions(stack: Stack) -> None:
+    client = _client(stack)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(model="m", messages=MESSAGES, temperature=5)
+    assert bad.value.status_code == 400
+    assert bad.value.param == "temperature"
+    assert bad.value.type == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        await client.get("/chat/completions/AAAAAAAAAAAAAAAAAAAAAA/stream", cast_to=httpx.Response)
+
+    async def consume_failing_stream() -> None:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x [[fail_after=3]]"}], stream=True
+        )
+        async for _ in stream:
+            pass
+
+    with pytest.raises(openai.APIError, match="mock model failed after 3 tokens"):
+        await consume_failing_stream()
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "[[fail_after=1]]"}]
+        )
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({}, "messages", "missing_required_parameter"),
+        ({"messages": []}, "messages", "invalid_value"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+        ({"messages": MESSAGES, "max_tokens": "9"}, "max_tokens", "invalid_type"),
+        (
+            {"messages": MESSAGES, "max_completion_tokens": 0},
+            "max_completion_tokens",
+            "invalid_value",
+        ),
+        ({"messages": MESSAGES, "top_p": 2}, "top_p", "decimal_out_of_range"),
+        ({"messages": MESSAGES, "n": 2}, "n", "invalid_value"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+        ({"messages": MESSAGES, "stream": "yes"}, "stream", "invalid_type"),
+        (
+            {"messages": [{"role": "user", "content": "y" * 200_000}]},
+            "messages",
+            "context_length_exceeded",
+        ),
+    ],
+)
+async def test_invalid_requests_get_openai_errors(
+    stack: Stack, body: dict[str, Any], param: str, code: str
+) -> None:
+    async with stack.client() as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    assert error["message"]
+
+
+async def test_unparseable_body_is_an_openai_400(stack: Stack) -> None:
+    async with stack.client() as client:
+        response = await client.post(
+            "/v1/chat/completions", content=b"{oops", headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_every_frame_resumes_in_the_chunk_format_usage_included(stack: Stack) -> None:
+    async with stack.client() as client:
+        response, raw = await read_stream(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "messages": MESSAGES,
+                "max_tokens": 12,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        message_id = response.headers["x-message-id"]
+        full = parse_sse(raw).events
+        assert full[-1].data == "[DONE]"
+        assert all(e.id for e in full)  # unlike OpenAI, every frame is a resume position
+        assert "usage" in orjson.loads(full[-2].data)
+        for index, event in enumerate(full[:-1]):
+            _, rest = await read_stream(
+                client,
+                "GET",
+                f"/v1/chat/completions/{message_id}/stream",
+                headers={"Last-Event-ID": event.id or ""},
+            )
+            assert parse_sse(rest).events == full[index + 1 :], index
+        done = await client.get(
+            f"/v1/chat/completions/{message_id}/stream",
+            headers={"Last-Event-ID": full[-1].id or ""},
+        )
+        assert done.status_code == 204
+
+
+async def test_message_id_header_reaches_the_openai_client(stack: Stack) -> None:
+    client = _client(stack)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, max_tokens=3
+    )
+    completion = raw.parse()
+    await client.close()
+    assert completion.id == f"chatcmpl-{raw.headers['x-message-id']}"
+
+
+@pytest.mark.usefixtures("redis")
+async def test_seed_and_openai_formats_read_the_same_message(settings: Settings) -> None:
+    async with (
+        start_stack(dataclasses.replace(settings, coalesce_ms=0)) as stack,
+        stack.client() as client,
+    ):
+        response, raw = await read_stream(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 8, "stream": True},
+        )
+        message_id = response.headers["x-message-id"]
+        _, seed = await read_stream(client, "GET", f"/chat/stream/{message_id}")
+    seed_text = "".join(orjson.loads(e.data)["content"] for e in parse_sse(seed).events[:-1])
+    assert seed_text == mock_text(prompt_of([dict(m) for m in MESSAGES]), 8)
+    assert parse_sse(raw).events[-1].data == "[DONE]"
+
+
+async def test_redis_key_count_is_bounded(stack: Stack, redis: Redis) -> None:
+    client = _client(stack)
+    await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3)
+    await client.close()
+    # One message: its stream and meta hash, and the jobs stream (empty once acknowledged).
+    assert len(await redis.keys("tr:{*")) == 2
