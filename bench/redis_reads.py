@@ -24,6 +24,7 @@ import uvicorn
 from redis.asyncio import Redis
 
 from gateway.app import create_app
+from shared import keys
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 from worker import service
@@ -38,6 +39,18 @@ def _free_port() -> int:
         return port
 
 
+def _server_pid(port: int) -> int | None:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as sock:
+        sock.sendall(b"INFO server\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n\r\n") and (chunk := sock.recv(65536)):
+            reply += chunk
+        for line in reply.decode(errors="replace").splitlines():
+            if line.startswith("process_id:"):
+                return int(line.split(":", 1)[1])
+    return None
+
+
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     """A throw-away redis-server on a free port."""
@@ -47,9 +60,12 @@ def private_redis() -> Iterator[str]:
     args = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", workdir]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     try:
+        # Wait until our server answers (not another one that took the port first).
         for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+            if _server_pid(port) == process.pid:
                 break
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
@@ -104,16 +120,17 @@ async def measure(url: str, subscribers: int, tokens: int) -> dict[str, object]:
         worker = asyncio.create_task(service.serve(settings, RedisConnector(settings), stop))
         delivered = sum(await asyncio.gather(*readers))
         stats = await redis.info("commandstats")
+        # Every entry: the tokens, the finish reason, usage and the end.
+        events = int(await redis.xlen(keys.message_stream(message_id)))
         stop.set()
         await worker
     await redis.aclose()
-    events = tokens + 1
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
     joins = sum(int(join_stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in _READS)
     result: dict[str, object] = {
         "subscribers": subscribers,
         "events": events,
-        "delivered": delivered,
+        "delivered": delivered,  # SSE data frames received (the seed format shows no usage)
         "join_reads": joins,
         "reads_per_event": sum(calls.get(n, 0) for n in _READS) / events,
         "commands_per_event": sum(calls.values()) / events,
@@ -129,7 +146,8 @@ async def measure(url: str, subscribers: int, tokens: int) -> dict[str, object]:
 async def main(subscriber_counts: list[int], tokens: int) -> None:
     with private_redis() as url:
         rows = [await measure(url, n, tokens) for n in subscriber_counts]
-    print(f"one message, {tokens} tokens + [DONE], one entry per token, subscribers attached first")
+    print(f"one message of {tokens} tokens (one entry each, plus finish, usage and end entries);")
+    print("subscribers attached first; 'per token' below means per stream entry")
     print("(Redis also counts the commands a script runs: each EVALSHA append runs 6 more)\n")
     print(
         "| subscribers | delivered events | stream reads while joining | stream reads / token "

@@ -62,6 +62,7 @@ def create_app(
         try:
             yield
         finally:
+            await live.aclose()
             await hub.aclose()
             for task in tasks:
                 task.cancel()

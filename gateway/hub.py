@@ -215,6 +215,7 @@ class _Tail:
         # Set when another re-read was asked for while one was running.
         self.dirty = False
         self.verify = False
+        self.closed = False
         self.task: asyncio.Task[None] | None = asyncio.create_task(self._sync(starting=True))
 
     @property
@@ -292,7 +293,7 @@ class _Tail:
     async def _read_stream(self) -> None:
         """Deliver every entry after ``last_id``, retrying until Redis answers."""
         failures = 0
-        while True:
+        while not self.closed:
             try:
                 if self.verify and not await self.hub.redis.exists(
                     keys.message_meta(self.message_id)
@@ -343,6 +344,7 @@ class _Tail:
                 _log.warning("tail %s failed", self.message_id, exc_info=task.exception())
 
     async def aclose(self) -> None:
+        self.closed = True  # re-reads stop retrying even if the cancellation below is lost
         task, self.task = self.task, None
         if task is not None:
             task.cancel()
@@ -386,6 +388,7 @@ class Hub:
         # Cancel-on-disconnect messages watched here: subscriber count and presence lifetime.
         self._presence: dict[str, tuple[int, int]] = {}
         self._presence_renewed = 0.0
+        self._closing = False
         self._loop = asyncio.get_running_loop()
 
     def now(self) -> float:
@@ -466,7 +469,7 @@ class Hub:
         """Heartbeats, checks of quiet tails, presence and removal of unwatched tails; run until
         cancelled. A failing round is logged and the next one runs."""
         tick = min(self.heartbeat_s, self.presence_interval_s) / 4
-        while True:
+        while not self._closing:  # not only cancellation: one can be lost (see LiveChannels)
             await asyncio.sleep(tick)
             try:
                 await self._housekeeping_round()
@@ -489,7 +492,11 @@ class Hub:
         await self._drop_idle_tails(now)
 
     async def _renew_presence(self, now: float) -> None:
-        if not self._presence or now - self._presence_renewed < self.presence_interval_s:
+        if not self._presence:
+            return
+        # Renew well within the shortest lifetime in use (gateways may differ in settings).
+        shortest_s = min(watch_ms for _, watch_ms in self._presence.values()) / 1000
+        if now - self._presence_renewed < min(self.presence_interval_s, shortest_s / 3):
             return
         self._presence_renewed = now
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -514,6 +521,7 @@ class Hub:
 
     async def aclose(self) -> None:
         """End every subscriber and tail."""
+        self._closing = True
         for subscriber in list(self._subscribers):
             subscriber.close()
         tails, self._tails = list(self._tails.values()), {}

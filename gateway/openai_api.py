@@ -92,8 +92,11 @@ def parse_completion_request(body: dict[str, Any], settings: Settings) -> Comple
     _check_sampling(body)
     max_tokens = _max_tokens(body, settings)
     params = {k: v for k, v in body.items() if k not in _OWN_FIELDS and k not in _EXTENSIONS}
-    if "max_completion_tokens" in body:
-        params["max_completion_tokens"] = max_tokens  # the upstream gets the field it was sent
+    for limit in ("max_tokens", "max_completion_tokens"):
+        if body.get(limit) is not None:
+            # The upstream gets the field it was sent, and none when the client set no limit
+            # (reasoning models refuse max_tokens; a default would cut answers short).
+            params[limit] = max_tokens
     return CompletionRequest(
         messages=messages,
         model=_typed(body, "model", str, "a string") or settings.default_model,
@@ -222,19 +225,27 @@ def completion_response(
     last = events[-1]
     if last.kind is Kind.ERROR:
         error = orjson.loads(last.data)
-        body = {
-            "error": {
+        status = error.get("status")
+        if isinstance(status, int) and 400 <= status < 500:
+            # The upstream refused the request: the client gets its answer, not a retryable 5xx.
+            refusal = {
                 "message": error.get("message"),
-                "type": "server_error",
+                "type": _INVALID,
                 "param": None,
-                "code": error.get("type"),
+                "code": error.get("code"),
             }
+            return JSONResponse({"error": refusal}, status_code=status, headers=headers)
+        failure = {
+            "message": error.get("message"),
+            "type": "server_error",
+            "param": None,
+            "code": error.get("type"),
         }
-        return JSONResponse(body, status_code=502, headers=headers)
+        return JSONResponse({"error": failure}, status_code=502, headers=headers)
     choice: dict[str, Any] = {
         "index": 0,
         "message": message.as_message(),
-        "logprobs": None,
+        "logprobs": message.as_logprobs(),
         "finish_reason": "cancelled" if last.kind is Kind.CANCELLED else message.finish_reason,
     }
     completion = {
@@ -254,6 +265,8 @@ class _Assembled:
     def __init__(self) -> None:
         self.content: list[str] = []
         self.refusal: list[str] = []
+        self.reasoning: list[str] = []
+        self.logprobs: list[Any] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -264,19 +277,29 @@ class _Assembled:
         elif event.kind is Kind.USAGE:
             self.usage = orjson.loads(event.data)
         elif event.kind is Kind.CHOICE:
-            choice = orjson.loads(event.data)
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                self.content.append(delta["content"])
-            if isinstance(delta.get("refusal"), str):
-                self.refusal.append(delta["refusal"])
-            for call in delta.get("tool_calls") or []:
-                self._add_tool_call(call)
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self._add_choice(orjson.loads(event.data))
 
-    def _add_tool_call(self, call: dict[str, Any]) -> None:
-        # Streamed tool calls arrive in pieces keyed by index; arguments are concatenated.
-        whole = self.tool_calls.setdefault(call.get("index", 0), {"function": {"arguments": ""}})
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        for key, parts in (
+            ("content", self.content),
+            ("refusal", self.refusal),
+            ("reasoning_content", self.reasoning),
+        ):
+            if isinstance(delta.get(key), str):
+                parts.append(delta[key])
+        for position, call in enumerate(delta.get("tool_calls") or []):
+            self._add_tool_call(call, position)
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+            self.logprobs.extend(logprobs["content"])
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def _add_tool_call(self, call: dict[str, Any], position: int) -> None:
+        # Streamed tool calls arrive in pieces keyed by index (some servers omit it: then the
+        # position in the list); arguments are concatenated.
+        index = call.get("index", position)
+        whole = self.tool_calls.setdefault(index, {"function": {"arguments": ""}})
         for key in ("id", "type"):
             if call.get(key):
                 whole[key] = call[key]
@@ -291,9 +314,14 @@ class _Assembled:
             "content": "".join(self.content) if self.content or not self.tool_calls else None,
             "refusal": "".join(self.refusal) or None,
         }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
         if self.tool_calls:
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
         return message
+
+    def as_logprobs(self) -> dict[str, Any] | None:
+        return {"content": self.logprobs} if self.logprobs else None
 
 
 ROUTES = [

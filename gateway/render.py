@@ -35,13 +35,13 @@ import orjson
 from gateway.hub import Gap, Item
 from shared.events import Event, Kind
 
-HEARTBEAT = b": ping\n\n"
-
 
 class Renderer:
     """Turns a batch of items of one message into bytes (``b""`` when none is visible)."""
 
     key = "base"
+    #: A comment that keeps an idle stream (and every proxy on its path) alive.
+    heartbeat = b": ping\n\n"
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
@@ -63,6 +63,11 @@ class Renderer:
 
     def render(self, event: Event) -> bytes:
         raise NotImplementedError
+
+    def interrupted(self, reason: str) -> bytes:
+        """What to send when the stream ends before its terminal event (Redis failed, the
+        message vanished). Nothing, here: an EventSource then reconnects and resumes."""
+        return b""
 
     def gap(self, gap: Gap) -> bytes:
         body = {
@@ -109,6 +114,10 @@ class SeedRenderer(Renderer):
 class OpenAIRenderer(Renderer):
     """OpenAI's ``chat.completion.chunk`` stream, with an ``id:`` on every frame."""
 
+    # No blank line after the comment: the openai package's SSE decoder keeps the last event id
+    # and would take the blank line for an event with empty data, which it cannot parse.
+    heartbeat = b": ping\n"
+
     def __init__(self, message_id: str, *, model: str, created_s: int, include_usage: bool) -> None:
         super().__init__(message_id)
         self.key = "openai+usage" if include_usage else "openai"
@@ -124,6 +133,27 @@ class OpenAIRenderer(Renderer):
         self._open = head + b',"choices":['
         self._close = b'],"usage":null}' if include_usage else b"]}"
         self._usage_open = head + b',"choices":[],"usage":'
+
+    def interrupted(self, reason: str) -> bytes:
+        """SDK clients do not reconnect by themselves, and take a stream that just ends for a
+        whole answer: say it was cut, so they raise (and may resume with Last-Event-ID)."""
+        return self._error_frame(
+            f"stream interrupted ({reason}); resume with Last-Event-ID", "stream_interrupted"
+        )
+
+    def gap(self, gap: Gap) -> bytes:
+        # No chunk shape fits "part of the answer is gone": SDKs would take a frame without
+        # choices for a chunk and fail on it. An error is what it is for them.
+        after = "the start" if gap.after is None else str(gap.after)
+        return self._error_frame(
+            f"events after {after} up to {gap.resumes_at} are no longer retained",
+            "history_truncated",
+        )
+
+    @staticmethod
+    def _error_frame(message: str, code: str) -> bytes:
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
 
     def render(self, event: Event) -> bytes:
         head = b"id: " + event.raw_id + b"\ndata: "
@@ -161,7 +191,7 @@ class OpenAIRenderer(Renderer):
                     "message": error.get("message"),
                     "type": error.get("type"),
                     "param": None,
-                    "code": None,
+                    "code": error.get("code"),
                 }
             }
             return head + orjson.dumps(body) + b"\n\n"

@@ -88,7 +88,10 @@ async def cancel_chat(request: Request) -> Response:
     message_id = request.path_params["message_id"]
     if not is_message_id(message_id):
         raise ApiError(404, f"message {message_id} does not exist")
-    outcome = await request_cancel(state.redis, message_id)
+    settings = state.settings
+    outcome = await request_cancel(
+        state.redis, message_id, ttl_ms=settings.stream_ttl_s * 1000, maxlen=settings.stream_maxlen
+    )
     if outcome == "missing":
         raise ApiError(404, f"message {message_id} does not exist or has expired")
     if outcome == "finished":

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.hub import Item, MessageGone, Subscriber
-from gateway.render import HEARTBEAT
+from gateway.hub import MessageGone, Subscriber
+from gateway.render import Renderer
 
 _log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class EventStreamResponse(Response):
     def __init__(
         self,
         subscriber: Subscriber,
-        render: Callable[[list[Item]], bytes],
+        render: Renderer,
         *,
         retry_ms: int | None,
         headers: Mapping[str, str],
@@ -60,11 +60,13 @@ class EventStreamResponse(Response):
             if self._first:
                 await send({"type": "http.response.body", "body": self._first, "more_body": True})
             while (items := await subscriber.next_batch()) is not None:
-                body = self._render(items) if items else HEARTBEAT
+                body = self._render(items) if items else self._render.heartbeat
                 if body:  # events without a frame in this format render to nothing
                     await send({"type": "http.response.body", "body": body, "more_body": True})
         except (RedisError, MessageGone) as exc:
             _log.warning("stream of %s ended early: %s", subscriber.message_id, exc)
+            if last_words := self._render.interrupted(type(exc).__name__):
+                await send({"type": "http.response.body", "body": last_words, "more_body": True})
         finally:
             subscriber.close()
             watcher.cancel()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 
 from redis.asyncio import Connection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 _log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class LiveChannels:
         self._channels: dict[bytes, asyncio.Future[None] | None] = {}
         self._conn: Connection | None = None
         self._unconfirmed: set[bytes] = set()
+        self._closing = False
+        self._last_heard = 0.0
         self.reconnects = 0
 
     async def subscribe(self, channel: bytes) -> None:
@@ -80,16 +82,31 @@ class LiveChannels:
         except RedisError as exc:
             _log.debug("pub/sub write failed (%s); the reader will reconnect", exc)
 
+    async def aclose(self) -> None:
+        """Stop for good: :meth:`run` returns soon after (await its task).
+
+        Cancelling alone is not enough on Python 3.11, where redis-py's timeouts
+        (asyncio.wait_for, asyncio.timeout) can lose a cancellation that coincides with them,
+        after which the loop would run on. Closing the connection ends a read on a real Redis;
+        cancel the task as well, for the embedded fakeredis does not wake a read on close.
+        """
+        self._closing = True
+        conn = self._conn
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
     async def run(self) -> None:
-        """Read forever, reconnecting with backoff; cancel to stop."""
+        """Read until :meth:`close` (or cancellation), reconnecting with backoff."""
         failures = 0
-        while True:
+        while not self._closing:
             conn = self._connect()
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 # Publish the connection before taking the snapshot: a subscribe() from now on
                 # sends its own SUBSCRIBE, one from before is in the snapshot. None is lost.
                 self._conn = conn
+                if self._closing:  # closed while connecting: aclose() found no connection
+                    return
                 channels = list(self._channels)
                 resubscribing = self.reconnects > 0 or failures > 0
                 self._unconfirmed = set(channels) if resubscribing else set()
@@ -100,6 +117,8 @@ class LiveChannels:
                 failures = 0
                 await self._read(conn)
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
                 failures += 1
                 self.reconnects += 1
@@ -112,23 +131,38 @@ class LiveChannels:
                 await conn.disconnect(nowait=True)
 
     async def _read(self, conn: Connection) -> None:
-        ping_sent = False
+        # The read itself has no timeout: on Python 3.11 a cancellation that coincides with a
+        # read timeout can be taken for the timeout and lost, and the task would never end.
+        # Liveness is the keep-alive task's job instead.
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        keepalive = asyncio.create_task(self._keepalive(conn))
+        try:
+            while True:
+                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+                self._last_heard = loop.time()
+                kind = reply[0]
+                if kind == b"message":
+                    self._deliver(reply[1], reply[2])
+                elif kind == b"subscribe":
+                    self._confirmed(reply[1])
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+
+    async def _keepalive(self, conn: Connection) -> None:
+        """PING a quiet connection; close one that stays silent, which ends the read."""
+        loop = asyncio.get_running_loop()
+        interval = self._ping_interval_s
         while True:
-            reply = await conn.read_response(
-                timeout=self._ping_interval_s, disconnect_on_error=False
-            )
-            if reply is None:
-                if ping_sent:
-                    raise RedisConnectionError("no reply to PING on the live channel connection")
+            await asyncio.sleep(interval / 2)
+            quiet = loop.time() - self._last_heard
+            if quiet >= 2 * interval:
+                _log.warning("live channel connection silent for %.1f s; closing it", quiet)
+                await conn.disconnect(nowait=True)
+                return
+            if quiet >= interval:
                 await conn.send_command("PING")
-                ping_sent = True
-                continue
-            ping_sent = False
-            kind = reply[0]
-            if kind == b"message":
-                self._deliver(reply[1], reply[2])
-            elif kind == b"subscribe":
-                self._confirmed(reply[1])
 
     def _deliver(self, channel: bytes, payload: bytes) -> None:
         try:

@@ -144,23 +144,40 @@ async def submit(
     await redis.xadd(keys.JOBS_STREAM, job.to_fields())  # type: ignore[arg-type]
 
 
-# Ask for cancellation: flag the message (the append script checks the flag with every event)
-# and announce it (the worker running it stops at once, even while the model is silent).
+# Ask for cancellation. A message no worker has taken yet ends here and now: its cancelled event
+# is written as the worker's append script writes events (same fields, same announcement), and
+# the owner set so that no worker takes it. A running one is flagged (the append script checks
+# the flag before every event) and announced (its worker stops at once, even if the model is
+# silent).
 _REQUEST_CANCEL = """
-local meta = redis.call('HMGET', KEYS[1], 'status', 'seq')
+local meta = redis.call('HMGET', KEYS[1], 'status', 'seq', 'owner', 'end')
 if not meta[2] then return 'missing' end
-local status = meta[1]
-if status == 'done' or status == 'error' or status == 'cancelled' then return 'finished' end
+if meta[4] then return 'finished' end
 redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+if meta[3] == '' then
+  local n = meta[2]
+  local data = '{"reason":"' .. ARGV[1] .. '"}'
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '*',
+                        'n', n, 'k', 'cancelled', 'd', data)
+  redis.call('HSET', KEYS[1], 'seq', n + 1, 'status', 'cancelled', 'end', id, 'owner', 'cancelled')
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('PUBLISH', KEYS[3], id .. ' ' .. n .. ' cancelled ' .. data)
+  return 'ok'
+end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'ok'
 """
 
 
-async def request_cancel(redis: Redis, message_id: str, *, reason: str = "requested") -> str:
-    """Ask the worker to stop generating; ``ok``, ``missing`` (no such message) or ``finished``."""
-    result = await redis.eval(
-        _REQUEST_CANCEL, 1, keys.message_meta(message_id), reason, keys.CANCEL_CHANNEL, message_id
+async def request_cancel(redis: Redis, message_id: str, *, ttl_ms: int, maxlen: int) -> str:
+    """Stop a generation; ``ok``, ``missing`` (no such message) or ``finished`` (too late)."""
+    message_keys = (
+        keys.message_meta(message_id),
+        keys.message_stream(message_id),
+        keys.message_channel(message_id),
     )
+    args = ("requested", keys.CANCEL_CHANNEL, message_id, ttl_ms, maxlen)
+    result = await redis.eval(_REQUEST_CANCEL, 3, *message_keys, *args)
     text: str = result.decode()
     return text

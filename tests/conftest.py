@@ -27,6 +27,25 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _answering_pid(port: int) -> int | None:
+    """The process id of the Redis answering on ``port``, if one does."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return None
+    for line in reply.decode(errors="replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.split(":", 1)[1])
+    return None
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """URL of a private redis-server for this test session."""
@@ -60,13 +79,10 @@ def redis_server() -> Iterator[str]:
     )
     deadline = time.monotonic() + 10
     while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
+        # Ours must answer, not another test session's server that took the port first (then
+        # ours fails to bind, and both sessions would share, and flush, one Redis).
+        if _answering_pid(port) == process.pid:
+            break
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             with open(log, errors="replace") as text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,20 @@ def parse_sse(raw: bytes) -> SseParse:
     return result
 
 
+async def bounded(task: asyncio.Task[None], what: str, timeout_s: float = 20.0) -> None:
+    """Await a shutdown step; if it hangs, fail with the stack of every pending task (the hung
+    one included: it is not cancelled before its stack is taken)."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return
+    stacks = io.StringIO()
+    for pending in asyncio.all_tasks():
+        pending.print_stack(file=stacks)
+    task.cancel()
+    raise AssertionError(f"{what} took over {timeout_s} s; pending tasks:\n{stacks.getvalue()}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,7 +118,7 @@ async def run_worker(
         yield
     finally:
         stop.set()
-        await task
+        await bounded(task, "stopping the worker")
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +140,7 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await serving
+        await bounded(serving, "stopping the server")
 
 
 @contextlib.asynccontextmanager

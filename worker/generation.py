@@ -45,7 +45,7 @@ async def generate(
         await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
         return
     except ModelError as exc:
-        await _append_error(writer, exc.error_type, str(exc))
+        await _append_error(writer, exc.error_type, str(exc), status=exc.status, code=exc.code)
         return
     except WriteRefused:
         raise  # the message is gone or owned by another attempt: nothing more may be written
@@ -66,22 +66,29 @@ async def _copy_pieces(
 ) -> None:
     chunker = _Chunker(writer, coalesce_s)
     pending: asyncio.Future[Piece] | None = None
+    watch_check_s = writer.watch_ms / 2000 if writer.watch_ms else None
     waits: set[asyncio.Future[object]] = set()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(pieces))
             waits = {pending} if cancelled is None else {pending, cancelled}  # type: ignore[arg-type]
-            # Wait for the next piece, but only until the coalescing window closes; the read
-            # stays in flight across the flush (cancelling it would close the backend's stream).
-            await asyncio.wait(
-                waits, timeout=chunker.time_left(), return_when=asyncio.FIRST_COMPLETED
-            )
+            # Wait for the next piece, but only until the coalescing window closes (or the
+            # presence of a cancel-on-disconnect message is due for a check); the read stays in
+            # flight meanwhile (cancelling it would close the backend's stream).
+            timeout = _earliest(chunker.time_left(), watch_check_s)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if cancelled is not None and cancelled.done():
                 await chunker.flush_quietly()
                 raise CancelRequested(cancelled.result())
             if not pending.done():
                 await chunker.flush()
+                if (
+                    watch_check_s is not None
+                    and not writer.finishing
+                    and not await writer.watched()
+                ):
+                    raise CancelRequested("disconnected")  # a silent model, and nobody left
                 continue
             finished, pending = pending, None
             try:
@@ -120,6 +127,8 @@ class _Chunker:
             await self.flush()
             kind = Kind.CHOICE if isinstance(piece, Choice) else Kind.USAGE
             await self._writer.append(kind, orjson.dumps(piece.fields))
+            if kind is Kind.CHOICE and piece.fields.get("finish_reason") is not None:
+                self._writer.finishing = True  # the answer is complete: cancelling is moot
             return
         if not piece:
             return
@@ -146,8 +155,25 @@ class _Chunker:
             self._buffer.clear()
 
 
-async def _append_error(writer: StreamWriter, error_type: str, message: str) -> None:
-    await writer.append(Kind.ERROR, orjson.dumps({"type": error_type, "message": message}))
+def _earliest(*timeouts: float | None) -> float | None:
+    given = [t for t in timeouts if t is not None]
+    return min(given) if given else None
+
+
+async def _append_error(
+    writer: StreamWriter,
+    error_type: str,
+    message: str,
+    *,
+    status: int | None = None,
+    code: str | None = None,
+) -> None:
+    error: dict[str, object] = {"type": error_type, "message": message}
+    if status is not None:
+        error["status"] = status
+    if code is not None:
+        error["code"] = code
+    await writer.append(Kind.ERROR, orjson.dumps(error))
 
 
 async def _aclose(pieces: AsyncIterator[Piece]) -> None:

@@ -25,12 +25,13 @@ from shared.events import Kind
 from shared.messages import RUNNING
 
 _APPEND = """
-local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq', 'cancel', 'watch_ms', 'call')
+local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq', 'cancel', 'watch_ms', 'call', 'end')
 if not meta[2] then return {0, 'gone'} end
 if meta[1] ~= ARGV[1] then return {0, 'fenced'} end
 if meta[5] == ARGV[2] then return {2, 'duplicate'} end
+if meta[6] then return {0, 'finished'} end
 local terminal = ARGV[7] == '1'
-if not terminal then
+if not terminal and ARGV[8] ~= '1' then
   if meta[3] then return {3, meta[3]} end
   if meta[4] and redis.call('EXISTS', KEYS[4]) == 0 then
     redis.call('HSET', KEYS[2], 'cancel', 'disconnected')
@@ -54,12 +55,13 @@ return {1, id}
 # redelivered for a message that already has an owner is not generated again. A retried claim
 # (its reply lost) finds its own owner token and succeeds.
 _CLAIM = """
-local meta = redis.call('HMGET', KEYS[1], 'owner', 'seq', 'cancel')
-if not meta[2] then return 'gone' end
-if meta[1] ~= '' and meta[1] ~= ARGV[1] then return 'owned' end
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'seq', 'cancel', 'end', 'watch_ms')
+if not meta[2] then return {'gone'} end
+if meta[4] then return {'finished'} end
+if meta[1] ~= '' and meta[1] ~= ARGV[1] then return {'owned'} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', ARGV[2], 'call', '')
-if meta[3] then return 'cancelled' end
-return 'ok'
+if meta[3] then return {'cancelled'} end
+return {'ok', meta[5] or ''}
 """
 
 
@@ -92,15 +94,26 @@ class StreamWriter:
         self._maxlen = str(maxlen)
         self._calls = 0  # call ids issued, whatever became of the calls
         self._written = 0
+        #: For cancel-on-disconnect messages: how long they may go unwatched (set by claim).
+        self.watch_ms: int | None = None
+        #: Set once the finish reason is written: a cancellation after it changes nothing.
+        self.finishing = False
+        self._redis = redis
         self._append: AsyncScript = redis.register_script(_APPEND)
         self._claim: AsyncScript = redis.register_script(_CLAIM)
 
     async def claim(self) -> str:
         """Take the message for this attempt: ``ok``, ``cancelled`` (taken, but cancellation was
-        requested before it started), ``gone`` or ``owned`` (not taken)."""
+        requested before it started), or not taken: ``gone``, ``owned``, ``finished``."""
         result = await self._claim(keys=[self._keys[1]], args=[self._owner, RUNNING])
-        text: str = result.decode()
-        return text
+        outcome: str = result[0].decode()
+        if outcome == "ok" and result[1]:
+            self.watch_ms = int(result[1])
+        return outcome
+
+    async def watched(self) -> bool:
+        """Whether a client still watches this cancel-on-disconnect message."""
+        return bool(await self._redis.exists(self._keys[3]))
 
     async def append(self, kind: Kind, data: bytes) -> None:
         """Append one event.
@@ -113,7 +126,17 @@ class StreamWriter:
         call = str(self._calls)
         self._calls += 1
         terminal = "1" if kind.terminal else "0"
-        args = [self._owner, call, kind.value, data, self._ttl_ms, self._maxlen, terminal]
+        checks_off = "1" if self.finishing else "0"
+        args = [
+            self._owner,
+            call,
+            kind.value,
+            data,
+            self._ttl_ms,
+            self._maxlen,
+            terminal,
+            checks_off,
+        ]
         code, detail = await self._append(keys=self._keys, args=args)
         if code == 0:
             raise WriteRefused(f"append refused: {detail.decode()}")

@@ -163,3 +163,36 @@ async def test_a_watched_message_is_not_cancelled_past_the_grace_period(settings
             json={"prompt": "stay", "max_tokens": 150, "cancel_on_disconnect": True},
         )
     assert parse_sse(raw).events[-1].data == "[DONE]"
+
+
+@pytest.mark.usefixtures("redis")
+async def test_a_queued_message_is_cancelled_at_once_without_a_worker(
+    settings: Settings, redis: Redis
+) -> None:
+    async with start_stack(settings, worker=False) as stack, stack.client() as client:
+        message_id, poster = await _start(stack, "/chat/stream", {"prompt": "q"})
+        assert (await client.post(f"/chat/stream/{message_id}/cancel")).status_code == 202
+        _, raw = await asyncio.wait_for(poster, 5)
+    assert parse_sse(raw).events[-1].event == "cancelled"
+    assert await redis.hget(keys.message_meta(message_id), "status") == b"cancelled"
+
+
+@pytest.mark.usefixtures("redis")
+async def test_cancel_on_disconnect_stops_a_silent_model(settings: Settings, redis: Redis) -> None:
+    # The model pauses 5 s between tokens; nobody watches after the first: cancelled meanwhile.
+    silent = dataclasses.replace(settings, mock_token_delay_ms=5000.0, cancel_grace_s=1.0)
+    async with start_stack(silent, linger_s=0.0) as stack:
+        async with (
+            stack.client() as client,
+            client.stream(
+                "POST",
+                "/chat/stream",
+                json={"prompt": "slow", "max_tokens": 5, "cancel_on_disconnect": True},
+            ) as response,
+        ):
+            message_id = response.headers["x-message-id"]
+            async for chunk in response.aiter_bytes():
+                if b"data:" in chunk:
+                    break
+        await _wait_for_status(redis, message_id, b"cancelled", timeout_s=4.5)
+    assert await redis.xlen(keys.message_stream(message_id)) == 2  # the first token and the end

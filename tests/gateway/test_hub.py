@@ -256,11 +256,11 @@ async def test_a_message_that_expires_under_its_clients_ends_their_streams(
     quick = dataclasses.replace(settings, heartbeat_s=0.2)
     async with start_stack(quick, worker=False) as stack, stack.client() as client:
         message_id = await _submit(stack, "vanish", 3)
-        reader = asyncio.create_task(read_stream(client, "GET", f"/chat/stream/{message_id}"))
-        await eventually(lambda: stack.hub.tail_count == 1)
-        await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
-        response, raw = await asyncio.wait_for(reader, 5)  # the stream ends: the client reconnects
-        assert response.status_code == 200
+        async with client.stream("GET", f"/chat/stream/{message_id}") as response:
+            assert response.status_code == 200
+            await eventually(lambda: stack.hub.subscriber_count == 1)
+            await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
+            raw = await asyncio.wait_for(response.aread(), 5)  # it ends: the client reconnects
         assert not parse_sse(raw).events
         assert (await client.get(f"/chat/stream/{message_id}")).status_code == 404
 

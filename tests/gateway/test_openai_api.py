@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
+from shared import keys
 from shared.messages import prompt_of
 from shared.settings import Settings
 from tests.support import Stack, parse_sse, read_stream, start_stack
@@ -210,3 +212,55 @@ async def test_redis_key_count_is_bounded(stack: Stack, redis: Redis) -> None:
     await client.close()
     # One message: its stream and meta hash, and the jobs stream (empty once acknowledged).
     assert len(await redis.keys("tr:{*")) == 2
+
+
+@pytest.mark.usefixtures("redis")
+async def test_heartbeats_do_not_trip_the_openai_package(settings: Settings) -> None:
+    """A pause longer than the heartbeat interval (a slow model) must not break the client."""
+    pausing = dataclasses.replace(settings, heartbeat_s=0.1, mock_token_delay_ms=500.0)
+    async with start_stack(pausing) as stack:
+        client = _client(stack)
+        stream = await client.chat.completions.create(
+            model="m", messages=MESSAGES, max_tokens=3, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == mock_text(
+        prompt_of([dict(m) for m in MESSAGES]), 3
+    )
+
+
+@pytest.mark.usefixtures("redis")
+async def test_trimmed_history_and_vanished_messages_are_errors_to_the_sdk(
+    settings: Settings, redis: Redis
+) -> None:
+    trimmed = dataclasses.replace(settings, stream_maxlen=5, heartbeat_s=0.2)
+    async with start_stack(trimmed) as stack, stack.client() as client:
+        response, raw = await read_stream(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": MESSAGES, "max_tokens": 12, "stream": True},
+        )
+        message_id = response.headers["x-message-id"]
+        first = parse_sse(raw).events[0].id
+        _, resumed = await read_stream(
+            client,
+            "GET",
+            f"/v1/chat/completions/{message_id}/stream",
+            headers={"Last-Event-ID": first or ""},
+        )
+        assert (
+            orjson.loads(parse_sse(resumed).events[0].data)["error"]["code"] == "history_truncated"
+        )
+    async with (
+        start_stack(trimmed, worker=False) as stack,
+        stack.client() as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={"messages": MESSAGES, "stream": True}
+        ) as response,
+    ):
+        message_id = response.headers["x-message-id"]
+        await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
+        raw = await asyncio.wait_for(response.aread(), 5)
+    assert orjson.loads(parse_sse(raw).events[-1].data)["error"]["code"] == "stream_interrupted"

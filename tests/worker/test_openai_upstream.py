@@ -251,3 +251,90 @@ async def test_unreachable_upstream_is_an_error_event(settings: Settings) -> Non
     error = orjson.loads(parse_sse(raw).events[-1].data)["error"]
     assert error["type"] == "upstream_error"
     assert "unreachable" in error["message"]
+
+
+async def _comments_only() -> AsyncIterator[bytes]:
+    for _ in range(100):
+        yield b": keep-alive\n\n"
+        await asyncio.sleep(0.2)
+
+
+async def _running_usage() -> AsyncIterator[bytes]:
+    for i in range(1, 4):
+        usage = {"prompt_tokens": 2, "completion_tokens": i, "total_tokens": 2 + i}
+        yield _frame(
+            {
+                **_chunk({"delta": {"role": "assistant", "content": f"{i} ", "tool_calls": None}}),
+                "usage": usage,
+            }
+        )
+    yield _frame({**_chunk({"delta": {}, "finish_reason": "stop"}), "usage": USAGE})
+    yield b"data: [DONE]\n\n"
+
+
+_STREAMS["comments"] = _comments_only
+_STREAMS["running-usage"] = _running_usage
+
+
+@pytest.mark.usefixtures("redis")
+async def test_keep_alive_comments_do_not_hold_a_dead_upstream_open(settings: Settings) -> None:
+    async with (
+        scripted_upstream() as (url, _),
+        start_stack(_relay_settings(settings, url)) as stack,
+    ):
+        _, raw = await _completion(stack, "comments")
+    error = orjson.loads(parse_sse(raw).events[-1].data)["error"]
+    assert "sent no data" in error["message"]
+
+
+@pytest.mark.usefixtures("redis")
+async def test_running_usage_is_relayed_once_and_text_still_coalesces(settings: Settings) -> None:
+    relay = _relay_settings(settings, "", coalesce_ms=0)
+    async with (
+        scripted_upstream() as (url, _),
+        start_stack(dataclasses.replace(relay, upstream_base_url=url)) as stack,
+    ):
+        chunks, _ = await _completion(stack, "running-usage")
+    usage_chunks = [c for c in chunks if not c["choices"]]
+    assert [c["usage"] for c in usage_chunks] == [USAGE]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    # After the first, text apart from nulls and a repeated role counts as text (merged by the
+    # coalescing window, which is off here).
+    assert deltas[:3] == [
+        {"role": "assistant", "content": "1 ", "tool_calls": None},  # the first, relayed as sent
+        {"content": "2 "},
+        {"content": "3 "},
+    ]
+
+
+@pytest.mark.usefixtures("redis")
+async def test_limits_reach_the_upstream_only_as_the_client_set_them(settings: Settings) -> None:
+    async with (
+        scripted_upstream() as (url, upstream),
+        start_stack(_relay_settings(settings, url)) as stack,
+        stack.client() as client,
+    ):
+        for extra in ({}, {"max_completion_tokens": 7}):
+            body = {"model": "tools", "messages": [{"role": "user", "content": "hi"}], **extra}
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    unlimited, limited = upstream.state.requests
+    assert "max_tokens" not in unlimited
+    assert "max_completion_tokens" not in unlimited
+    assert limited["max_completion_tokens"] == 7
+    assert "max_tokens" not in limited
+
+
+@pytest.mark.usefixtures("redis")
+async def test_an_upstream_refusal_keeps_its_status_when_not_streamed(settings: Settings) -> None:
+    async with (
+        scripted_upstream() as (url, _),
+        start_stack(_relay_settings(settings, url)) as stack,
+        stack.client() as client,
+    ):
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"model": "refuse", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "does not exist" in response.json()["error"]["message"]

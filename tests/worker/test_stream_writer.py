@@ -96,3 +96,13 @@ async def test_an_expired_message_is_never_resurrected(redis: Redis) -> None:
         await writer.append(Kind.CHUNK, b'"late"')
     assert not await redis.exists(keys.message_stream(MESSAGE))
     assert await writer.claim() == "gone"
+
+
+async def test_nothing_is_appended_after_the_end(redis: Redis) -> None:
+    await submit(redis, Job(MESSAGE, "p", 3), ttl_ms=60_000, model="test")
+    writer = await _writer(redis)
+    assert await writer.claim() == "ok"
+    await writer.append(Kind.DONE, b"")
+    with pytest.raises(WriteRefused, match="finished"):
+        await writer.append(Kind.ERROR, b'{"type":"late","message":"too late"}')
+    assert await writer.claim() == "finished"
