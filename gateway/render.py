@@ -105,9 +105,11 @@ class SeedRenderer(Renderer):
                 + event.data
                 + b"}\n\n"
             )
-        if kind is Kind.CANCELLED:
+        if kind is Kind.CANCELLED or kind is Kind.RESET:
             body = {"id": self.message_id, **orjson.loads(event.data or b"{}")}
-            return head + b"event: cancelled\ndata: " + orjson.dumps(body) + b"\n\n"
+            return (
+                head + b"event: " + kind.value.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+            )
         return b""  # usage
 
 
@@ -195,6 +197,13 @@ class OpenAIRenderer(Renderer):
                 }
             }
             return head + orjson.dumps(body) + b"\n\n"
+        if kind is Kind.RESET:
+            # SDKs cannot un-read chunks: tell them, and where the answer starts again.
+            message = (
+                "the generation was restarted on another worker; discard what you have and "
+                f"read the stream again after Last-Event-ID {event.raw_id.decode()}"
+            )
+            return head[: -len(b"data: ")] + self._error_frame(message, "generation_restarted")
         # Cancelled: a last chunk whose finish_reason says so, then [DONE], as a stream ends.
         choice = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"cancelled"}'
         return head + self._open + choice + self._close + b"\n\n" + head + b"[DONE]\n\n"

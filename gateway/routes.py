@@ -147,6 +147,9 @@ async def collect(request: Request, subscriber: Subscriber) -> list[Event]:
             for item in items:
                 if isinstance(item, Gap):
                     raise ApiError(500, "part of the answer was trimmed (TOKENRELAY_STREAM_MAXLEN)")
+                if item.kind is Kind.RESET:
+                    events.clear()  # another worker generates the answer again from the start
+                    continue
                 events.append(item)
     except MessageGone as exc:
         raise ApiError(404, str(exc)) from exc

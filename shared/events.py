@@ -12,7 +12,9 @@ Kinds and their data:
   refusal..., ``finish_reason``, ``logprobs``), exactly as the model backend produced it;
 - ``usage``: token counts, an OpenAI ``usage`` object;
 - ``done``: the end (data empty); ``error``: the end, ``{"type", "message"}``;
-  ``cancelled``: the end, generation stopped on request (``{"reason"}``).
+  ``cancelled``: the end, generation stopped on request (``{"reason"}``);
+- ``reset``: the worker was lost and another generates the answer again from the start, so
+  whatever came before this event is to be discarded (``{"reason"}``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Kind(StrEnum):
     DONE = "done"
     ERROR = "error"
     CANCELLED = "cancelled"
+    #: Another worker took the generation over and starts it again: discard what came before.
+    RESET = "reset"
 
     @property
     def terminal(self) -> bool:

@@ -12,6 +12,8 @@ PREFIX = "tr"
 JOBS_STREAM = f"{PREFIX}:jobs"
 #: The consumer group every worker joins on :data:`JOBS_STREAM`.
 JOBS_GROUP = "workers"
+#: Jobs that lost their worker ``job_max_attempts`` times, kept for inspection.
+JOBS_DEAD_STREAM = f"{PREFIX}:jobs:dead"
 #: Cancellation requests (payload: the message id), so the worker running it stops at once.
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 

@@ -91,6 +91,17 @@ class Settings:
     worker_concurrency: int = _setting(
         32, "Generations one worker process runs at once.", minimum=1
     )
+    job_lease_s: float = _setting(
+        30.0,
+        "A job whose worker shows no sign of life for this long is taken over by another "
+        "(healthy workers renew their lease every third of it).",
+        minimum=0.5,
+    )
+    job_max_attempts: int = _setting(
+        3,
+        "Deliveries after which a job that keeps losing its worker goes to the dead letters.",
+        minimum=1,
+    )
     job_block_ms: int = _setting(2000, "How long a worker's job read blocks in Redis.", minimum=10)
     redis_max_connections: int = _setting(
         64,

@@ -206,3 +206,16 @@ async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 10.0) 
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+async def post_and_hang_up(stack: Stack, body: dict[str, object]) -> str:
+    """POST /chat/stream, read until the first event, hang up; the message id."""
+    async with (
+        stack.client() as client,
+        client.stream("POST", "/chat/stream", json=body) as response,
+    ):
+        message_id = response.headers["x-message-id"]
+        async for chunk in response.aiter_bytes():
+            if b"data:" in chunk:
+                break
+    return message_id

@@ -22,6 +22,9 @@ from worker.stream_writer import CancelRequested, StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
 
+#: The reason a worker that is shutting down gives its generations to stop.
+WORKER_STOPPING = "worker_stopping"
+
 
 async def generate(
     backend: ModelBackend,
@@ -42,7 +45,13 @@ async def generate(
     try:
         await _copy_pieces(pieces, writer, coalesce_s, cancelled)
     except CancelRequested as exc:
-        await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
+        if exc.reason == WORKER_STOPPING:
+            # Not the client's doing: the answer is incomplete, so it ends as an error.
+            await _append_error(
+                writer, "worker_shutdown", "the worker stopped mid-answer; ask again"
+            )
+        else:
+            await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
         return
     except ModelError as exc:
         await _append_error(writer, exc.error_type, str(exc), status=exc.status, code=exc.code)

@@ -3,6 +3,13 @@
 A job is acknowledged (and deleted, so the jobs stream stays small) only once its message has a
 terminal event, or when it can never be generated (malformed, expired, already taken).
 
+Leases: while a worker generates, it renews its job's lease (resets the job's idle time in the
+consumer group) every third of ``job_lease_s``. Every worker also reclaims jobs idle longer than
+that (XAUTOCLAIM): their worker is gone. The new attempt takes the message over, which fences
+the old one out (its appends are refused), writes ``reset`` if the stream had events, and
+generates again from the start. A job delivered more than ``job_max_attempts`` times (it keeps
+losing its workers) goes to the dead-letter stream and its message ends with an error.
+
 Cancellation reaches a running generation two ways: the append script refuses the next event of
 a message flagged for cancellation, and the worker follows the cancel channel so that a model
 that is silent (a long prefill, a stalled upstream) is stopped at once, not at its next token.
@@ -11,6 +18,7 @@ that is silent (a long prefill, a stalled upstream) is stopped at once, not at i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -20,8 +28,9 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Connection, Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
@@ -30,7 +39,7 @@ from shared.live import LiveChannels
 from shared.messages import Job
 from shared.settings import Settings
 from worker.backends.base import GenerationRequest, ModelBackend
-from worker.generation import generate
+from worker.generation import WORKER_STOPPING, generate
 from worker.stream_writer import StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
@@ -38,6 +47,25 @@ _RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 # The embedded fakeredis answers XREADGROUP ... BLOCK wrongly (see _read_jobs); there a worker
 # waits on a plain XREAD of new entries for at most this long between non-blocking group reads.
 _EMBEDDED_WAIT_MS = 100
+
+
+# Renew a job's lease only while it is still ours: a plain XCLAIM would take back a job that
+# was already taken over from us. JUSTID leaves the delivery count alone.
+_RENEW = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if pending[1] and pending[1][2] == ARGV[3] then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+  return 1
+end
+return 0
+"""
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Sleep ``timeout_s``, or less if ``event`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
 
 
 def consumer_name() -> str:
@@ -64,8 +92,10 @@ class Worker:
         self._consumer = consumer
         self._embedded = embedded
         self._tasks: set[asyncio.Task[None]] = set()
+        self._group_ensured = False
         # Running generations by message id, each with the future that cancels it.
         self._running: dict[str, asyncio.Future[str]] = {}
+        self._renew: AsyncScript = redis.register_script(_RENEW)
         self._cancels = LiveChannels(
             connect, self._on_cancel, self._on_resubscribed, ping_interval_s=5.0
         )
@@ -81,6 +111,7 @@ class Worker:
         failures = 0
         self._cancels.follow(keys.CANCEL_CHANNEL.encode())
         listener = asyncio.create_task(self._cancels.run())
+        reclaimer = asyncio.create_task(self._reclaim_until(stop))
         try:
             while not stop.is_set():
                 self._reap()
@@ -105,6 +136,7 @@ class Worker:
         finally:
             stopping.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
+            await asyncio.gather(reclaimer, return_exceptions=True)
             await self._drain()
             # Both: closing ends a read on a real Redis even if a cancellation is lost; the
             # cancellation ends a read on the embedded fakeredis, which closing does not wake.
@@ -141,11 +173,15 @@ class Worker:
                 group, self._consumer, {stream: ">"}, count=count, block=block
             )
         except ResponseError:
-            # NOGROUP (its wording differs between Redis and fakeredis): first start, or Redis
-            # lost its data. Anything else is a real error.
-            if not await self._ensure_group():
+            # NOGROUP (worded differently by Redis and fakeredis): the first start, or Redis
+            # lost its data; another worker may be creating the group right now. An error that
+            # persists once the group exists is a real one.
+            if self._group_ensured:
                 raise
+            await self._ensure_group()
+            self._group_ensured = True
             return []
+        self._group_ensured = False
         if not reply and self._embedded:
             # fakeredis 2.40 returns at once from a blocking XREADGROUP, so wait for a new entry
             # with plain XREAD; one added between the two reads waits at most this timeout.
@@ -167,31 +203,43 @@ class Worker:
         _log.info("created consumer group %s on %s", keys.JOBS_GROUP, keys.JOBS_STREAM)
         return True
 
-    async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _process(
+        self, entry_id: bytes, fields: dict[bytes, bytes], *, takeover: bool = False
+    ) -> None:
         try:
             job = Job.from_fields(fields)
         except (KeyError, ValueError, TypeError):
             _log.error("dropping malformed job %s: %r", entry_id, fields)
             await self._ack(entry_id)
             return
-        settings = self._settings
-        writer = StreamWriter(
-            self._redis,
-            job.message_id,
-            owner=f"{self._consumer}/{entry_id.decode()}",
-            ttl_ms=settings.stream_ttl_s * 1000,
-            maxlen=settings.stream_maxlen,
-        )
+        writer = self._writer(job, entry_id)
         # Follow cancellation before claiming: a request made in between is not missed.
         cancelled = self._running[job.message_id] = asyncio.get_running_loop().create_future()
         try:
-            claim = await writer.claim()
+            claim = await writer.claim(takeover=takeover)
             if claim == "cancelled":  # cancelled while it waited in the queue
                 await writer.append(Kind.CANCELLED, orjson.dumps({"reason": "requested"}))
             elif claim != "ok":
                 _log.info("job %s: message %s is %s; skipped", entry_id, job.message_id, claim)
             else:
-                await self._generate(job, writer, cancelled)
+                if takeover and writer.events_before:
+                    _log.warning(
+                        "message %s: its worker was lost; generating it again", job.message_id
+                    )
+                    await writer.append(Kind.RESET, orjson.dumps({"reason": "worker_lost"}))
+                renewing = asyncio.create_task(self._renew_lease(entry_id))
+                try:
+                    await self._generate(job, writer, cancelled)
+                finally:
+                    renewing.cancel()
+                    await asyncio.gather(renewing, return_exceptions=True)
+        except WriteRefused as exc:
+            if exc.reason == "fenced":
+                # Another worker took the job over (this one was presumed lost): it is theirs
+                # to acknowledge now.
+                _log.warning("message %s was taken over by another worker", job.message_id)
+                return
+            raise
         finally:
             del self._running[job.message_id]
             cancelled.cancel()
@@ -216,6 +264,8 @@ class Worker:
                 cancelled=cancelled,
             )
         except WriteRefused as exc:
+            if exc.reason == "fenced":
+                raise
             _log.warning("message %s: %s; generation stopped", job.message_id, exc)
         except asyncio.CancelledError:
             # Stopped past the shutdown grace: end the message rather than leave its readers
@@ -226,6 +276,87 @@ class Worker:
             }
             await asyncio.shield(writer.append(Kind.ERROR, orjson.dumps(interrupted)))
             raise
+
+    async def _renew_lease(self, entry_id: bytes) -> None:
+        """Keep the job's idle time low while generating, so no one takes it over."""
+        period = self._settings.job_lease_s / 3
+        args: list[str | bytes] = [keys.JOBS_GROUP, entry_id, self._consumer]
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await self._renew(keys=[keys.JOBS_STREAM], args=args):
+                    _log.warning("job %s is no longer ours; another worker took it over", entry_id)
+                    return
+            except RedisError as exc:
+                _log.warning("renewing the lease of job %s failed: %s", entry_id, exc)
+
+    async def _reclaim_until(self, stop: asyncio.Event) -> None:
+        """Take over the jobs of lost workers until ``stop``."""
+        lease_ms = int(self._settings.job_lease_s * 1000)
+        period = max(0.1, self._settings.job_lease_s / 2)
+        while not stop.is_set():
+            await _wait(stop, period)
+            free = self._settings.worker_concurrency - len(self._tasks)
+            if stop.is_set() or free <= 0:
+                continue
+            try:
+                await self._reclaim(lease_ms, free)
+            except RedisError as exc:
+                _log.warning("reclaiming stale jobs failed: %s", exc)
+
+    async def _reclaim(self, lease_ms: int, count: int) -> None:
+        group, stream = keys.JOBS_GROUP, keys.JOBS_STREAM
+        reply = await self._redis.xautoclaim(
+            stream, group, self._consumer, lease_ms, "0-0", count=count
+        )
+        for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[1]):
+            if fields is None:
+                continue  # deleted meanwhile
+            pending = await self._redis.xpending_range(stream, group, entry_id, entry_id, 1)
+            deliveries = int(pending[0]["times_delivered"]) if pending else 1
+            if deliveries > self._settings.job_max_attempts:
+                task = asyncio.create_task(self._dead_letter(entry_id, fields, deliveries))
+            else:
+                _log.warning(
+                    "job %s lost its worker; taking it over (delivery %d)", entry_id, deliveries
+                )
+                task = asyncio.create_task(self._process(entry_id, fields, takeover=True))
+            self._tasks.add(task)
+
+    async def _dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int
+    ) -> None:
+        """Park a job that keeps losing its workers, and end its message with an error."""
+        _log.error(
+            "job %s lost its worker %d times; moving it to %s",
+            entry_id,
+            deliveries,
+            keys.JOBS_DEAD_STREAM,
+        )
+        dead = {**fields, b"job_id": entry_id, b"deliveries": str(deliveries).encode()}
+        await self._redis.xadd(keys.JOBS_DEAD_STREAM, dead, maxlen=10_000)  # type: ignore[arg-type]
+        try:
+            job = Job.from_fields(fields)
+        except (KeyError, ValueError, TypeError):
+            job = None
+        if job is not None:
+            writer = self._writer(job, entry_id)
+            if await writer.claim(takeover=True) in ("ok", "cancelled"):
+                message = (
+                    f"generation failed {deliveries} times (its workers were lost); not retried"
+                )
+                error = {"type": "job_failed", "message": message}
+                await writer.append(Kind.ERROR, orjson.dumps(error))
+        await self._ack(entry_id)
+
+    def _writer(self, job: Job, entry_id: bytes) -> StreamWriter:
+        return StreamWriter(
+            self._redis,
+            job.message_id,
+            owner=f"{self._consumer}/{entry_id.decode()}",
+            ttl_ms=self._settings.stream_ttl_s * 1000,
+            maxlen=self._settings.stream_maxlen,
+        )
 
     async def _ack(self, entry_id: bytes) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -250,16 +381,20 @@ class Worker:
     async def _drain(self) -> None:
         if not self._tasks:
             return
-        _log.info(
-            "waiting up to %.0f s for %d generations",
-            self._settings.shutdown_grace_s,
-            len(self._tasks),
-        )
-        _, pending = await asyncio.wait(self._tasks, timeout=self._settings.shutdown_grace_s)
+        grace = self._settings.shutdown_grace_s
+        _log.info("waiting up to %.0f s for %d generations", grace, len(self._tasks))
+        _, pending = await asyncio.wait(self._tasks, timeout=grace)
+        if pending:
+            # Ask first: each generation stops at once and ends its message with an error.
+            for cancelled in self._running.values():
+                if not cancelled.done():
+                    cancelled.set_result(WORKER_STOPPING)
+            _, pending = await asyncio.wait(pending, timeout=5)
         for task in pending:
-            task.cancel()
-        # A cancellation can be lost inside redis-py on Python 3.11: wait, but not for ever.
-        _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            task.cancel()  # then insist (a cancellation alone can be lost in redis-py on 3.11)
+        stuck: set[asyncio.Task[None]] = set()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=10)
         for task in self._tasks - stuck:
             self._report(task)
         if stuck:

@@ -51,22 +51,28 @@ redis.call('PUBLISH', KEYS[3], id .. ' ' .. n .. ' ' .. ARGV[3] .. ' ' .. ARGV[4
 return {1, id}
 """
 
-# Take a queued message for one generation attempt. A message is generated once: a job
-# redelivered for a message that already has an owner is not generated again. A retried claim
-# (its reply lost) finds its own owner token and succeeds.
+# Take a message for one generation attempt. A queued message is taken once: a job delivered
+# again while its owner lives is not generated twice. A retried claim (its reply lost) finds its
+# own owner token and succeeds. A takeover (the job's lease lapsed: its worker is gone) replaces
+# the owner, which fences the old attempt out for good.
 _CLAIM = """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'seq', 'cancel', 'end', 'watch_ms')
 if not meta[2] then return {'gone'} end
 if meta[4] then return {'finished'} end
-if meta[1] ~= '' and meta[1] ~= ARGV[1] then return {'owned'} end
+if ARGV[3] ~= '1' and meta[1] ~= '' and meta[1] ~= ARGV[1] then return {'owned'} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', ARGV[2], 'call', '')
-if meta[3] then return {'cancelled'} end
-return {'ok', meta[5] or ''}
+if meta[3] then return {'cancelled', '', meta[2]} end
+return {'ok', meta[5] or '', meta[2]}
 """
 
 
 class WriteRefused(TokenrelayError):
-    """The append script refused the write: the message is gone or another attempt owns it."""
+    """The append script refused the write: the message is gone or finished, or another
+    attempt owns it (``reason`` is ``gone``, ``finished`` or ``fenced``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"append refused: {reason}")
+        self.reason = reason
 
 
 class CancelRequested(TokenrelayError):
@@ -98,15 +104,23 @@ class StreamWriter:
         self.watch_ms: int | None = None
         #: Set once the finish reason is written: a cancellation after it changes nothing.
         self.finishing = False
+        #: Events the message already had when this attempt claimed it (a takeover's start).
+        self.events_before = 0
         self._redis = redis
         self._append: AsyncScript = redis.register_script(_APPEND)
         self._claim: AsyncScript = redis.register_script(_CLAIM)
 
-    async def claim(self) -> str:
+    async def claim(self, *, takeover: bool = False) -> str:
         """Take the message for this attempt: ``ok``, ``cancelled`` (taken, but cancellation was
-        requested before it started), or not taken: ``gone``, ``owned``, ``finished``."""
-        result = await self._claim(keys=[self._keys[1]], args=[self._owner, RUNNING])
+        requested before it started), or not taken: ``gone``, ``owned``, ``finished``.
+
+        ``takeover`` takes it from an attempt whose worker was lost.
+        """
+        args: list[str | bytes] = [self._owner, RUNNING, "1" if takeover else "0"]
+        result = await self._claim(keys=[self._keys[1]], args=args)
         outcome: str = result[0].decode()
+        if outcome in ("ok", "cancelled"):
+            self.events_before = int(result[2])
         if outcome == "ok" and result[1]:
             self.watch_ms = int(result[1])
         return outcome
@@ -139,7 +153,7 @@ class StreamWriter:
         ]
         code, detail = await self._append(keys=self._keys, args=args)
         if code == 0:
-            raise WriteRefused(f"append refused: {detail.decode()}")
+            raise WriteRefused(detail.decode())
         if code == 3:
             raise CancelRequested(detail.decode())
         self._written += 1

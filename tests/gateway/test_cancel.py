@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.settings import Settings
-from tests.support import Stack, parse_sse, read_stream, start_stack
+from tests.support import Stack, parse_sse, post_and_hang_up, read_stream, start_stack
 from tests.worker.test_openai_upstream import _relay_settings, scripted_upstream
 
 
@@ -128,20 +128,12 @@ async def test_cancel_closes_the_upstream_request_at_once(settings: Settings) ->
 async def test_disconnect_does_not_cancel_unless_asked(settings: Settings, redis: Redis) -> None:
     quick = dataclasses.replace(settings, mock_token_delay_ms=20.0, cancel_grace_s=1.0)
     async with start_stack(quick, linger_s=0.0) as stack:
-        ids = {}
-        for opted in (False, True):
-            async with (
-                stack.client() as client,
-                client.stream(
-                    "POST",
-                    "/chat/stream",
-                    json={"prompt": "bye", "max_tokens": 200, "cancel_on_disconnect": opted},
-                ) as response,
-            ):
-                ids[opted] = response.headers["x-message-id"]
-                async for chunk in response.aiter_bytes():
-                    if b"data:" in chunk:
-                        break  # hang up after the first event
+        ids = {
+            opted: await post_and_hang_up(
+                stack, {"prompt": "bye", "max_tokens": 200, "cancel_on_disconnect": opted}
+            )
+            for opted in (False, True)
+        }
         await _wait_for_status(redis, ids[True], b"cancelled")
         await _wait_for_status(redis, ids[False], b"done")
         async with stack.client() as client:
@@ -182,17 +174,8 @@ async def test_cancel_on_disconnect_stops_a_silent_model(settings: Settings, red
     # The model pauses 5 s between tokens; nobody watches after the first: cancelled meanwhile.
     silent = dataclasses.replace(settings, mock_token_delay_ms=5000.0, cancel_grace_s=1.0)
     async with start_stack(silent, linger_s=0.0) as stack:
-        async with (
-            stack.client() as client,
-            client.stream(
-                "POST",
-                "/chat/stream",
-                json={"prompt": "slow", "max_tokens": 5, "cancel_on_disconnect": True},
-            ) as response,
-        ):
-            message_id = response.headers["x-message-id"]
-            async for chunk in response.aiter_bytes():
-                if b"data:" in chunk:
-                    break
+        message_id = await post_and_hang_up(
+            stack, {"prompt": "slow", "max_tokens": 5, "cancel_on_disconnect": True}
+        )
         await _wait_for_status(redis, message_id, b"cancelled", timeout_s=4.5)
     assert await redis.xlen(keys.message_stream(message_id)) == 2  # the first token and the end

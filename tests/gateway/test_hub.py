@@ -17,6 +17,7 @@ from tests.support import (
     Stack,
     eventually,
     parse_sse,
+    post_and_hang_up,
     post_stream,
     read_stream,
     run_worker,
@@ -152,16 +153,7 @@ async def test_disconnect_releases_the_subscriber_and_generation_goes_on(
 ) -> None:
     slow_model = dataclasses.replace(settings, mock_token_delay_ms=10.0)
     async with start_stack(slow_model, linger_s=0.0) as stack, stack.client() as client:
-        async with client.stream(
-            "POST",
-            "/chat/stream",
-            json={"prompt": "walk away", "max_tokens": 50},
-            headers={"Accept": "text/event-stream"},
-        ) as response:
-            message_id = response.headers["x-message-id"]
-            async for chunk in response.aiter_bytes():
-                if b"data:" in chunk:
-                    break  # hang up after the first event
+        message_id = await post_and_hang_up(stack, {"prompt": "walk away", "max_tokens": 50})
         await eventually(lambda: stack.hub.subscriber_count == 0)
         # The tail goes once nobody has watched it for linger_s (and its channel is unsubscribed).
         await eventually(lambda: stack.hub.tail_count == 0)

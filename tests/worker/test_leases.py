@@ -1,0 +1,114 @@
+"""Leases: a lost worker's job is taken over, a healthy one's never is, a poison job is parked."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+from typing import cast
+
+import orjson
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.events import ZERO_ID, Kind
+from shared.messages import Job, submit
+from shared.settings import Settings
+from shared.streams import read_after, read_newest
+from tests.support import parse_sse, read_stream, run_worker, start_stack
+from worker.backends.mock import mock_text
+
+
+async def _until(predicate_coro: object, timeout_s: float = 10) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if await predicate_coro():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_killed_worker_is_taken_over_and_the_stream_says_reset(
+    settings: Settings, redis: Redis
+) -> None:
+    leased = dataclasses.replace(settings, job_lease_s=1.0, mock_token_delay_ms=30.0)
+    env = {
+        **os.environ,
+        "REDIS_URL": leased.effective_redis_url,
+        "TOKENRELAY_JOB_LEASE_S": "1",
+        "TOKENRELAY_MOCK_TOKEN_DELAY_MS": "30",
+        "TOKENRELAY_COALESCE_MS": "0",
+        "TOKENRELAY_LOG_LEVEL": "warning",
+    }
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenrelay", "worker", env=env
+    )
+    try:
+        async with start_stack(leased, worker=False) as stack, stack.client() as client:
+            async with client.stream(
+                "POST", "/chat/stream", json={"prompt": "survive", "max_tokens": 60}
+            ) as response:
+                message_id = response.headers["x-message-id"]
+                stream = keys.message_stream(message_id)
+                await _until(lambda: _at_least(redis, stream, 5))
+                doomed.send_signal(signal.SIGKILL)  # mid-answer, no goodbye
+                async with run_worker(leased):  # takes the job over once its lease lapses
+                    raw = await asyncio.wait_for(response.aread(), 20)
+            _, replay = await read_stream(client, "GET", f"/chat/stream/{message_id}")
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+        await doomed.wait()
+    events = parse_sse(raw).events
+    resets = [i for i, e in enumerate(events) if e.event == "reset"]
+    assert len(resets) == 1
+    assert orjson.loads(events[resets[0]].data) == {"id": message_id, "reason": "worker_lost"}
+    after = events[resets[0] + 1 :]
+    assert "".join(orjson.loads(e.data)["content"] for e in after[:-1]) == mock_text("survive", 60)
+    assert after[-1].data == "[DONE]"
+    assert parse_sse(replay).events == events  # the live stream and its replay agree
+    assert await redis.xlen(keys.JOBS_STREAM) == 0
+
+
+async def _at_least(redis: Redis, stream: str, count: int) -> bool:
+    return int(await redis.xlen(stream)) >= count
+
+
+async def test_a_healthy_long_generation_is_never_taken_over(
+    settings: Settings, redis: Redis
+) -> None:
+    # Three seconds of generation against a half-second lease, with a second worker eager to
+    # reclaim: the lease is renewed, so no takeover happens.
+    leased = dataclasses.replace(settings, job_lease_s=0.5, mock_token_delay_ms=30.0)
+    async with run_worker(leased), run_worker(leased):
+        await submit(redis, Job("H" * 22, "healthy", 100), ttl_ms=60_000, model="test")
+        await _until(lambda: _status_is(redis, "H" * 22, b"done"), timeout_s=15)
+    events = await read_after(redis, keys.message_stream("H" * 22), ZERO_ID, count=1000)
+    assert Kind.RESET not in {e.kind for e in events}
+    assert len(events) == 103
+
+
+async def _status_is(redis: Redis, message_id: str, status: bytes) -> bool:
+    return bool(await redis.hget(keys.message_meta(message_id), "status") == status)
+
+
+async def test_a_job_that_keeps_losing_its_workers_goes_to_the_dead_letters(
+    settings: Settings, redis: Redis
+) -> None:
+    leased = dataclasses.replace(settings, job_lease_s=0.3, job_max_attempts=2)
+    await submit(redis, Job("P" * 22, "poison", 5), ttl_ms=60_000, model="test")
+    # Two workers took it and died (each delivery counts): simulate their reads.
+    await redis.xgroup_create(keys.JOBS_STREAM, keys.JOBS_GROUP, id="0", mkstream=True)
+    await redis.xreadgroup(keys.JOBS_GROUP, "dead-1", {keys.JOBS_STREAM: ">"}, count=1)
+    pending = await redis.xpending_range(keys.JOBS_STREAM, keys.JOBS_GROUP, "-", "+", 1)
+    await redis.xclaim(keys.JOBS_STREAM, keys.JOBS_GROUP, "dead-2", 0, [pending[0]["message_id"]])
+    async with run_worker(leased):  # its third delivery: over the limit
+        await _until(lambda: _status_is(redis, "P" * 22, b"error"))
+    dead = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.JOBS_DEAD_STREAM))
+    assert len(dead) == 1
+    assert dead[0][1][b"deliveries"] == b"3"
+    last = await read_newest(redis, keys.message_stream("P" * 22))
+    assert last is not None
+    assert orjson.loads(last.data)["type"] == "job_failed"
+    assert (await redis.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP))["pending"] == 0
