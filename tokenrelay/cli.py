@@ -18,6 +18,7 @@ from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
 from shared.settings import Settings, settings_help
 from tokenrelay import dev
+from tokenrelay.chat import chat
 from worker import service
 
 _log = logging.getLogger("tokenrelay")
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _add_listen_options(dev_parser)
+
+    chat_parser = commands.add_parser(
+        "chat", help="ask for an answer and stream it here, resuming across dropped connections"
+    )
+    chat_parser.add_argument("prompt", help="what to ask")
+    chat_parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="a gateway (default: http://127.0.0.1:8000)"
+    )
+    chat_parser.add_argument(
+        "--max-tokens", type=_positive_int, default=None, help="answer length limit"
+    )
     return parser
 
 
@@ -109,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         asyncio.run(_run_worker(settings))
         return 0
+    if args.command == "chat":
+        return asyncio.run(chat(args.url, args.prompt, args.max_tokens, sys.stdout, sys.stderr))
     asyncio.run(dev.run(settings, host=args.host, port=args.port))
     return 0
 
