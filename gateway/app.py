@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from types import FrameType
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -58,10 +61,12 @@ def create_app(
         )
         app.state.gateway = GatewayState(settings, redis, hub)
         tasks = [asyncio.create_task(live.run()), asyncio.create_task(hub.run_housekeeping())]
+        restore = _drain_on_sigterm(hub)
         _log.info("gateway using %s", redis_connector.description)
         try:
             yield
         finally:
+            restore()
             await live.aclose()
             await hub.aclose()
             for task in tasks:
@@ -86,6 +91,33 @@ def create_app(
             RetryLater: handle_retry_later,
         },
     )
+
+
+def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:
+    """On SIGTERM, end every stream (with a retry hint) first, then let the server stop.
+
+    uvicorn waits for open connections before it runs the lifespan's shutdown, and event streams
+    never close by themselves: without this, a stopping gateway would hold its clients until the
+    graceful-shutdown timeout, then cut them. The server's own handler (installed when it
+    started, just before this lifespan) still runs after ours.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals belong to the main thread (an embedding host's business)
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(hub.drain)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handle:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def app_from_env() -> Starlette:

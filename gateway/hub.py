@@ -44,6 +44,10 @@ class MessageGone(TokenrelayError):
     """The message expired or was deleted while a client was reading it."""
 
 
+class Draining(TokenrelayError):
+    """This gateway is shutting down: the client is to reconnect (to another one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Gap:
     """Events between ``after`` (None: the start) and ``resumes_at`` are no longer retained."""
@@ -88,6 +92,8 @@ class Subscriber:
                 return batch
             if self._gone:
                 raise MessageGone(f"message {self.message_id} expired or was deleted")
+            if self._hub.draining:
+                raise Draining("this gateway is shutting down")
             if self._finished or self._closed:
                 return None
             if self._heartbeat_due:
@@ -389,6 +395,8 @@ class Hub:
         self._presence: dict[str, tuple[int, int]] = {}
         self._presence_renewed = 0.0
         self._closing = False
+        #: Set on shutdown: every stream ends (with a retry hint) so its client resumes elsewhere.
+        self.draining = False
         self._loop = asyncio.get_running_loop()
 
     def now(self) -> float:
@@ -518,6 +526,12 @@ class Hub:
             await self.live.unsubscribe(tail.channel)
             tail._reap()
             await tail.aclose()
+
+    def drain(self) -> None:
+        """End every stream now, each telling its client to come back (to another gateway)."""
+        self.draining = True
+        for subscriber in list(self._subscribers):
+            subscriber._wake()
 
     async def aclose(self) -> None:
         """End every subscriber and tail."""

@@ -69,6 +69,11 @@ class Renderer:
         message vanished). Nothing, here: an EventSource then reconnects and resumes."""
         return b""
 
+    def draining(self, retry_ms: int) -> bytes:
+        """What to send when this gateway shuts down: come back after ``retry_ms`` (the load
+        balancer sends the reconnect to another gateway)."""
+        return b"retry: %d\n: this gateway is shutting down; reconnect\n\n" % retry_ms
+
     def gap(self, gap: Gap) -> bytes:
         body = {
             "id": self.message_id,
@@ -142,6 +147,9 @@ class OpenAIRenderer(Renderer):
         return self._error_frame(
             f"stream interrupted ({reason}); resume with Last-Event-ID", "stream_interrupted"
         )
+
+    def draining(self, retry_ms: int) -> bytes:
+        return self.interrupted("gateway shutting down")
 
     def gap(self, gap: Gap) -> bytes:
         # No chunk shape fits "part of the answer is gone": SDKs would take a frame without

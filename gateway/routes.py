@@ -12,7 +12,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.errors import ApiError, RetryLater
-from gateway.hub import Gap, MessageGone, Subscriber
+from gateway.hub import Draining, Gap, MessageGone, Subscriber
 from gateway.render import Renderer, SeedRenderer
 from gateway.requests import accepts, parse_chat_request, read_json_object, resume_cursor
 from gateway.resume import StartPoint, locate
@@ -153,6 +153,10 @@ async def collect(request: Request, subscriber: Subscriber) -> list[Event]:
                 events.append(item)
     except MessageGone as exc:
         raise ApiError(404, str(exc)) from exc
+    except Draining as exc:
+        raise ApiError(
+            503, "this gateway is shutting down; retry", error_type="unavailable"
+        ) from exc
     finally:
         subscriber.close()
         watcher.cancel()

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.hub import MessageGone, Subscriber
+from gateway.hub import Draining, MessageGone, Subscriber
 from gateway.render import Renderer
 
 _log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class EventStreamResponse(Response):
         # OpenAI-format clients (the openai package among them) take a frame without data for
         # a malformed event, so those streams get no standalone retry hint.
         self._first = b"" if retry_ms is None else b"retry: %d\n\n" % retry_ms
+        self._retry_ms = retry_ms or 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self._subscriber
@@ -63,6 +64,14 @@ class EventStreamResponse(Response):
                 body = self._render(items) if items else self._render.heartbeat
                 if body:  # events without a frame in this format render to nothing
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+        except Draining:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": self._render.draining(self._retry_ms),
+                    "more_body": True,
+                }
+            )
         except (RedisError, MessageGone) as exc:
             _log.warning("stream of %s ended early: %s", subscriber.message_id, exc)
             if last_words := self._render.interrupted(type(exc).__name__):
