@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -15,6 +16,8 @@ from types import FrameType
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import openai_api
 from gateway.errors import (
@@ -77,12 +80,14 @@ def create_app(
             await redis_connector.aclose()
 
     routes = [*ROUTES, *openai_api.ROUTES]
+    middleware = [Middleware(ServedBy)]
     if demo:
         routes.append(
             demo_page(resources.files("gateway").joinpath("static/demo.html").read_bytes())
         )
     return Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             ApiError: handle_api_error,
@@ -91,6 +96,30 @@ def create_app(
             RetryLater: handle_retry_later,
         },
     )
+
+
+class ServedBy:
+    """Names the gateway process in an ``X-Served-By`` header (which one a load balancer chose
+    is otherwise hard to tell when a stream misbehaves)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.header: tuple[bytes, bytes] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.header is None:  # here, not at import: each forked process has its own pid
+            self.header = (b"x-served-by", f"{socket.gethostname()}:{os.getpid()}".encode())
+        header = self.header
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:

@@ -17,8 +17,9 @@ from gateway.app import create_app
 from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
 from shared.settings import Settings, settings_help
-from tokenrelay import dev
+from tokenrelay import dev, stack
 from tokenrelay.chat import chat
+from tokenrelay.topology import GATEWAY_PORT, LB_PORT, LOCAL_REDIS_PORT, Topology
 from worker import service
 
 _log = logging.getLogger("tokenrelay")
@@ -68,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     _add_listen_options(dev_parser)
+
+    stack_parser = commands.add_parser(
+        "stack",
+        help="run the whole topology as local processes: redis-server, haproxy, gateways, workers",
+        epilog=settings_help(),
+        formatter_class=formatter,
+    )
+    stack_parser.add_argument(
+        "--gateways", type=_positive_int, default=2, help="gateway processes (default: 2)"
+    )
+    stack_parser.add_argument(
+        "--workers", type=_positive_int, default=2, help="worker processes (default: 2)"
+    )
+    stack_parser.add_argument(
+        "--port", type=_port, default=LB_PORT, help=f"haproxy's port (default: {LB_PORT})"
+    )
+    stack_parser.add_argument(
+        "--redis-port",
+        type=_port,
+        default=LOCAL_REDIS_PORT,
+        help=f"its redis-server's port (default: {LOCAL_REDIS_PORT})",
+    )
+    stack_parser.add_argument(
+        "--gateway-base-port",
+        type=_port,
+        default=GATEWAY_PORT,
+        help=f"gateways listen on the next ports (default {GATEWAY_PORT}: {GATEWAY_PORT + 1}, ...)",
+    )
 
     chat_parser = commands.add_parser(
         "chat", help="ask for an answer and stream it here, resuming across dropped connections"
@@ -121,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         asyncio.run(_run_worker(settings))
         return 0
+    if args.command == "stack":
+        topology = Topology(
+            args.gateways, args.workers, args.port, args.redis_port, args.gateway_base_port
+        )
+        return asyncio.run(stack.run(topology))
     if args.command == "chat":
         return asyncio.run(chat(args.url, args.prompt, args.max_tokens, sys.stdout, sys.stderr))
     asyncio.run(dev.run(settings, host=args.host, port=args.port))

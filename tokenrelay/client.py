@@ -77,6 +77,8 @@ class MessageStream:
         self.message_id = message_id
         self.last_event_id = last_event_id
         self.reconnects = 0
+        #: The gateway of the current connection (its X-Served-By header).
+        self.served_by: str | None = None
         self._client = client
         self._first = first
 
@@ -110,6 +112,7 @@ class MessageStream:
         path = f"/chat/stream/{self.message_id}"
         async with aconnect_sse(self._client.http, "GET", path, headers=headers) as source:
             response = source.response
+            self.served_by = response.headers.get("x-served-by")
             if response.status_code == 204:
                 yield None  # the answer was complete already
                 return

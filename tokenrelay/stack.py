@@ -1,0 +1,173 @@
+"""``tokenrelay stack``: the whole topology as local processes, for development and tests.
+
+It starts a private redis-server, N gateways, M workers and haproxy in front, each a process of
+its own (as they would be in containers), and stops them all when it is stopped: SIGTERM to
+each (gateways hand their clients over), then SIGKILL for any still running after the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from tokenrelay.topology import Topology, haproxy_config
+
+_log = logging.getLogger("tokenrelay.stack")
+
+
+@dataclass
+class LocalStack:
+    """The running processes of a topology."""
+
+    topology: Topology
+    redis: asyncio.subprocess.Process
+    lb: asyncio.subprocess.Process
+    gateways: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    workers: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.topology.lb_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.topology.redis_port}/0"
+
+    def all(self) -> list[asyncio.subprocess.Process]:
+        return [self.lb, *self.gateways.values(), *self.workers.values(), self.redis]
+
+
+@contextlib.asynccontextmanager
+async def local_stack(
+    topology: Topology, env: dict[str, str] | None = None
+) -> AsyncIterator[LocalStack]:
+    """Start the topology's processes; stop them all on exit."""
+    haproxy = shutil.which("haproxy")
+    redis_server = shutil.which("redis-server")
+    if haproxy is None or redis_server is None:
+        raise RuntimeError(
+            "tokenrelay stack needs haproxy and redis-server (Debian packages of those names)"
+        )
+    workdir = tempfile.mkdtemp(prefix="tokenrelay-stack-")
+    base_env = {
+        **os.environ,
+        **(env or {}),
+        "REDIS_URL": f"redis://127.0.0.1:{topology.redis_port}/0",
+    }
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(*argv: str) -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(*argv, env=base_env)
+        processes.append(process)
+        return process
+
+    try:
+        redis = await start(
+            redis_server,
+            "--port",
+            str(topology.redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--loglevel",
+            "warning",
+        )
+        await _wait_for_port(topology.redis_port, redis)
+        stack_gateways = {}
+        for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True):
+            gateway = await start(
+                sys.executable,
+                "-m",
+                "tokenrelay",
+                "gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            )
+            stack_gateways[name] = gateway
+        stack_workers = {
+            name: await start(sys.executable, "-m", "tokenrelay", "worker")
+            for name in topology.worker_names()
+        }
+        for port, gateway in zip(topology.gateway_ports(), stack_gateways.values(), strict=True):
+            await _wait_for_port(port, gateway)
+        config = os.path.join(workdir, "haproxy.cfg")
+        backends = [
+            (name, "127.0.0.1", port)
+            for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True)
+        ]
+        pathlib.Path(config).write_text(haproxy_config(topology.lb_port, backends))  # noqa: ASYNC240 - a small file, once
+        lb = await start(haproxy, "-f", config, "-db")
+        await _wait_for_port(topology.lb_port, lb)
+        yield LocalStack(topology, redis, lb, stack_gateways, stack_workers)
+    finally:
+        await _stop(processes)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
+    for _ in range(300):
+        if process.returncode is not None:
+            raise RuntimeError(
+                f"a stack process exited with {process.returncode} before listening on {port}"
+            )
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+async def _stop(processes: list[asyncio.subprocess.Process], grace_s: float = 15.0) -> None:
+    running = [p for p in processes if p.returncode is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    waits = [asyncio.ensure_future(p.wait()) for p in running]
+    if waits:
+        _, late = await asyncio.wait(waits, timeout=grace_s)
+        for process, wait in zip(running, waits, strict=True):
+            if wait in late:
+                process.kill()
+        await asyncio.gather(*waits)
+
+
+async def run(topology: Topology) -> int:
+    """Run until SIGINT/SIGTERM, or until a process of the stack dies (then exit 1)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    async with local_stack(topology) as stack:
+        print(
+            f"tokenrelay stack: {stack.url} (haproxy) -> {topology.gateways} gateways on ports "
+            f"{', '.join(map(str, topology.gateway_ports()))}; {topology.workers} workers; "
+            f"{stack.redis_url}. Ctrl-C stops it all.",
+            flush=True,
+        )
+        watchers = {asyncio.ensure_future(p.wait()): p for p in stack.all()}
+        stop = asyncio.ensure_future(stopping.wait())
+        done, _ = await asyncio.wait({stop, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        for future in (stop, *watchers):
+            future.cancel()
+        await asyncio.gather(stop, *watchers, return_exceptions=True)
+        if stop not in done:
+            _log.error("a process of the stack exited; stopping the rest")
+            return 1
+    return 0
