@@ -69,6 +69,15 @@ class Renderer:
         message vanished). Nothing, here: an EventSource then reconnects and resumes."""
         return b""
 
+    def lost(self) -> bytes:
+        """The message vanished (expired, or Redis lost its data) while the client read it:
+        an error event (without ``id:``, it is no resume position) rather than a silent end."""
+        body = {
+            "id": self.message_id,
+            "error": {"type": "message_lost", "message": "the message no longer exists; ask again"},
+        }
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
     def draining(self, retry_ms: int) -> bytes:
         """What to send when this gateway shuts down: come back after ``retry_ms`` (the load
         balancer sends the reconnect to another gateway)."""
@@ -150,6 +159,9 @@ class OpenAIRenderer(Renderer):
 
     def draining(self, retry_ms: int) -> bytes:
         return self.interrupted("gateway shutting down")
+
+    def lost(self) -> bytes:
+        return self._error_frame("the message no longer exists; ask again", "message_lost")
 
     def gap(self, gap: Gap) -> bytes:
         # No chunk shape fits "part of the answer is gone": SDKs would take a frame without

@@ -72,7 +72,12 @@ class EventStreamResponse(Response):
                     "more_body": True,
                 }
             )
-        except (RedisError, MessageGone) as exc:
+        except MessageGone as exc:
+            _log.warning("stream of %s ended: %s", subscriber.message_id, exc)
+            await send(
+                {"type": "http.response.body", "body": self._render.lost(), "more_body": True}
+            )
+        except RedisError as exc:
             _log.warning("stream of %s ended early: %s", subscriber.message_id, exc)
             if last_words := self._render.interrupted(type(exc).__name__):
                 await send({"type": "http.response.body", "body": last_words, "more_body": True})

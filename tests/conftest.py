@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from shared.settings import Settings
 from tests.support import Stack, free_port, start_stack
+from tokenrelay.stack import redis_server_argv
 
 
 def _unavailable(reason: str) -> None:
@@ -57,23 +58,7 @@ def redis_server() -> Iterator[str]:
     workdir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
     log = os.path.join(workdir, "redis.log")
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--loglevel",
-            "warning",
-            "--logfile",
-            log,
-        ],
+        [*redis_server_argv(binary, port, workdir), "--logfile", log],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

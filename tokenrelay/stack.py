@@ -33,6 +33,7 @@ class LocalStack:
     lb: asyncio.subprocess.Process
     gateways: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
     workers: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    _redis_argv: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -41,6 +42,15 @@ class LocalStack:
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.topology.redis_port}/0"
+
+    async def restart_redis(self, *, down_s: float = 0.0) -> None:
+        """Kill the stack's redis-server (no persistence: its data is gone) and start a new one
+        on the same port after ``down_s`` seconds."""
+        self.redis.kill()
+        await self.redis.wait()
+        await asyncio.sleep(down_s)
+        self.redis = await asyncio.create_subprocess_exec(*self._redis_argv)
+        await _wait_for_port(self.topology.redis_port, self.redis)
 
     def all(self) -> list[asyncio.subprocess.Process]:
         return [self.lb, *self.gateways.values(), *self.workers.values(), self.redis]
@@ -71,21 +81,7 @@ async def local_stack(
         return process
 
     try:
-        redis = await start(
-            redis_server,
-            "--port",
-            str(topology.redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--loglevel",
-            "warning",
-        )
+        redis = await start(*redis_server_argv(redis_server, topology.redis_port, workdir))
         await _wait_for_port(topology.redis_port, redis)
         stack_gateways = {}
         for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True):
@@ -114,10 +110,23 @@ async def local_stack(
         pathlib.Path(config).write_text(haproxy_config(topology.lb_port, backends))  # noqa: ASYNC240 - a small file, once
         lb = await start(haproxy, "-f", config, "-db")
         await _wait_for_port(topology.lb_port, lb)
-        yield LocalStack(topology, redis, lb, stack_gateways, stack_workers)
+        redis_argv = redis_server_argv(redis_server, topology.redis_port, workdir)
+        stack = LocalStack(topology, redis, lb, stack_gateways, stack_workers, redis_argv)
+        try:
+            yield stack
+        finally:
+            processes.append(stack.redis)  # a restarted one is stopped too
     finally:
         await _stop(processes)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def redis_server_argv(binary: str, port: int, workdir: str) -> list[str]:
+    """A throw-away redis-server on loopback: nothing saved, nothing appended."""
+    return [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", workdir, "--loglevel", "warning",
+    ]  # fmt: skip
 
 
 async def _wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:

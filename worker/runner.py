@@ -111,7 +111,9 @@ class Worker:
         failures = 0
         self._cancels.follow(keys.CANCEL_CHANNEL.encode())
         listener = asyncio.create_task(self._cancels.run())
-        reclaimer = asyncio.create_task(self._reclaim_until(stop))
+        # Stops with the worker, and also when this loop ends on an unexpected error.
+        halted = asyncio.Event()
+        reclaimer = asyncio.create_task(self._reclaim_until(stop, halted))
         try:
             while not stop.is_set():
                 self._reap()
@@ -136,6 +138,7 @@ class Worker:
         finally:
             stopping.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
+            halted.set()
             await asyncio.gather(reclaimer, return_exceptions=True)
             await self._drain()
             # Both: closing ends a read on a real Redis even if a cancellation is lost; the
@@ -174,13 +177,16 @@ class Worker:
             )
         except ResponseError:
             # NOGROUP (worded differently by Redis and fakeredis): the first start, or Redis
-            # lost its data; another worker may be creating the group right now. An error that
-            # persists once the group exists is a real one.
+            # lost its data; another worker may be creating the group right now. The same
+            # error right after the group was made sure of is a real one.
             if self._group_ensured:
                 raise
             await self._ensure_group()
             self._group_ensured = True
             return []
+        except (RedisConnectionError, RedisTimeoutError):
+            self._group_ensured = False  # Redis may come back without its data
+            raise
         self._group_ensured = False
         if not reply and self._embedded:
             # fakeredis 2.40 returns at once from a blocking XREADGROUP, so wait for a new entry
@@ -290,14 +296,14 @@ class Worker:
             except RedisError as exc:
                 _log.warning("renewing the lease of job %s failed: %s", entry_id, exc)
 
-    async def _reclaim_until(self, stop: asyncio.Event) -> None:
-        """Take over the jobs of lost workers until ``stop``."""
+    async def _reclaim_until(self, stop: asyncio.Event, halted: asyncio.Event) -> None:
+        """Take over the jobs of lost workers until ``stop`` or ``halted``."""
         lease_ms = int(self._settings.job_lease_s * 1000)
         period = max(0.1, self._settings.job_lease_s / 2)
-        while not stop.is_set():
-            await _wait(stop, period)
+        while not stop.is_set() and not halted.is_set():
+            await _wait(halted, period)
             free = self._settings.worker_concurrency - len(self._tasks)
-            if stop.is_set() or free <= 0:
+            if stop.is_set() or halted.is_set() or free <= 0:
                 continue
             try:
                 await self._reclaim(lease_ms, free)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -253,7 +254,10 @@ async def test_a_message_that_expires_under_its_clients_ends_their_streams(
             await eventually(lambda: stack.hub.subscriber_count == 1)
             await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
             raw = await asyncio.wait_for(response.aread(), 5)  # it ends: the client reconnects
-        assert not parse_sse(raw).events
+        (lost,) = parse_sse(raw).events  # an in-band error, no resume position
+        assert lost.event == "error"
+        assert lost.id is None
+        assert orjson.loads(lost.data)["error"]["type"] == "message_lost"
         assert (await client.get(f"/chat/stream/{message_id}")).status_code == 404
 
 

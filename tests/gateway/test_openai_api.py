@@ -263,4 +263,4 @@ async def test_trimmed_history_and_vanished_messages_are_errors_to_the_sdk(
         message_id = response.headers["x-message-id"]
         await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
         raw = await asyncio.wait_for(response.aread(), 5)
-    assert orjson.loads(parse_sse(raw).events[-1].data)["error"]["code"] == "stream_interrupted"
+    assert orjson.loads(parse_sse(raw).events[-1].data)["error"]["code"] == "message_lost"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.support import free_port
-from tokenrelay.client import Chunk, Reset, TokenrelayClient
+from tokenrelay.client import Chunk, Reset, StreamFailed, TokenrelayClient
 from tokenrelay.stack import LocalStack, local_stack
 from tokenrelay.topology import Topology
 from worker.backends.mock import mock_text
@@ -23,6 +24,7 @@ _ENV = {
     "TOKENRELAY_RETRY_MS": "100",
     "TOKENRELAY_JOB_LEASE_S": "1",
     "TOKENRELAY_LOG_LEVEL": "warning",
+    "TOKENRELAY_HEARTBEAT_S": "1",
 }
 
 
@@ -124,3 +126,46 @@ async def _generates(stack: LocalStack, pid: int) -> bool:
     finally:
         await redis.aclose()
     return any(c["pending"] and f":{pid}:" in c["name"].decode() for c in consumers)
+
+
+@pytest.mark.timeout(90)
+async def test_a_redis_restart_is_survived_without_restarting_anything() -> None:
+    async with (
+        _stack(gateways=1, workers=1) as stack,
+        TokenrelayClient(stack.url, initial_backoff_s=0.05) as client,
+    ):
+        stream = await client.ask("before the restart", max_tokens=300)
+
+        async def read_through_a_restart() -> None:
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == 10:
+                    await stack.restart_redis(down_s=1.0)
+
+        with pytest.raises(StreamFailed) as lost:
+            await read_through_a_restart()
+        # In-flight answers are lost with Redis' data, and say so.
+        assert lost.value.error_type == "message_lost"
+        # While Redis is away, a reconnecting EventSource would get 200 + a retry hint (any
+        # other status would end it for good): checked on a second outage.
+        outage = asyncio.create_task(stack.restart_redis(down_s=1.5))
+        await asyncio.sleep(0.5)
+        response = await client.http.get(
+            f"/chat/stream/{stream.message_id}", headers={"Last-Event-ID": "1-0"}
+        )
+        assert response.status_code == 200
+        assert response.text.startswith("retry: ")
+        await outage
+        # New requests work again, served by the same processes.
+        for _ in range(100):
+            if (await client.http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        fresh = await client.ask("after the restart", max_tokens=20)
+        text = [piece.text async for piece in fresh if isinstance(piece, Chunk)]
+        assert "".join(text) == mock_text("after the restart", 20)
+        assert all(
+            process.returncode is None
+            for process in [*stack.gateways.values(), *stack.workers.values()]
+        )
