@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -119,6 +120,28 @@ async def local_stack(
     finally:
         await _stop(processes)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base+1 .. base+count are free right now (gateways' ports)."""
+    for _ in range(50):
+        base = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for offset in range(1, count + 1):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", base + offset))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("found no block of free ports")
 
 
 def redis_server_argv(binary: str, port: int, workdir: str) -> list[str]:
