@@ -134,11 +134,12 @@ def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:
         return lambda: None  # signals belong to the main thread (an embedding host's business)
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return lambda: None  # no server handler to hand over to: leave SIGTERM alone
 
     def handle(signum: int, frame: FrameType | None) -> None:
         loop.call_soon_threadsafe(hub.drain)
-        if callable(previous):
-            previous(signum, frame)
+        previous(signum, frame)
 
     signal.signal(signal.SIGTERM, handle)
 

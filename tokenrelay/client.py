@@ -60,6 +60,9 @@ class StreamCancelled(TokenrelayError):
     """The generation was cancelled."""
 
 
+_TRANSIENT = frozenset({429, 502, 503, 504})
+
+
 class _Dropped(Exception):
     pass
 
@@ -116,6 +119,12 @@ class MessageStream:
             if response.status_code == 204:
                 yield None  # the answer was complete already
                 return
+            if response.status_code in _TRANSIENT:
+                # A balancer with no gateway at hand, or one shedding load: come back later.
+                hint = response.headers.get("retry-after", "")
+                if hint.isdigit():
+                    self._retry_hint_s = float(hint)
+                raise _Dropped(f"{response.status_code} from the server")
             if response.status_code != 200:
                 await response.aread()
                 raise StreamFailed(f"{response.status_code}: {response.text}", "http_error")

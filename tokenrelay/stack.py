@@ -116,7 +116,12 @@ async def local_stack(
         try:
             yield stack
         finally:
-            processes.append(stack.redis)  # a restarted one is stopped too
+            # In dependency order: the balancer, then gateways (they hand clients over), then
+            # workers (they end or hand back their jobs), then Redis, which all of them need.
+            await _stop([stack.lb])
+            await _stop(list(stack.gateways.values()))
+            await _stop(list(stack.workers.values()))
+            await _stop([stack.redis])
     finally:
         await _stop(processes)
         shutil.rmtree(workdir, ignore_errors=True)

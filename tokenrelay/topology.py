@@ -40,8 +40,12 @@ class Topology:
 
 def haproxy_config(listen_port: int, backends: Sequence[tuple[str, str, int]]) -> str:
     """The load balancer's configuration for SSE: no buffering, idle timeouts well above the
-    gateways' heartbeat (TOKENRELAY_HEARTBEAT_S, 15 s), health checks on /readyz, and a failed
-    connection attempt redispatched to another gateway."""
+    gateways' heartbeat (TOKENRELAY_HEARTBEAT_S, 15 s), health checks on /healthz, and a failed
+    connection attempt redispatched to another gateway.
+
+    The check is /healthz (the process answers), not /readyz (Redis answers): during a Redis
+    outage every gateway would be marked down and haproxy would answer 503 itself, which ends a
+    browser EventSource for good, while a gateway answers 200 with a retry hint."""
     servers = "\n".join(f"    server {name} {host}:{port} check" for name, host, port in backends)
     # No global maxconn: haproxy derives it from the file-descriptor limit it is given.
     return f"""global
@@ -63,7 +67,7 @@ frontend tokenrelay
 
 backend gateways
     balance leastconn
-    option httpchk GET /readyz
+    option httpchk GET /healthz
     http-check expect status 200
     default-server inter 1s fall 2 rise 2
 {servers}

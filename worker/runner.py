@@ -93,6 +93,9 @@ class Worker:
         self._embedded = embedded
         self._tasks: set[asyncio.Task[None]] = set()
         self._group_ensured = False
+        self._reclaim_cursor: bytes | str = "0-0"
+        # Job entries being processed here, so the reclaimer never takes one of its own.
+        self._jobs: set[bytes] = set()
         # Running generations by message id, each with the future that cancels it.
         self._running: dict[str, asyncio.Future[str]] = {}
         self._renew: AsyncScript = redis.register_script(_RENEW)
@@ -221,6 +224,7 @@ class Worker:
         writer = self._writer(job, entry_id)
         # Follow cancellation before claiming: a request made in between is not missed.
         cancelled = self._running[job.message_id] = asyncio.get_running_loop().create_future()
+        self._jobs.add(entry_id)
         try:
             claim = await writer.claim(takeover=takeover)
             if claim == "cancelled":  # cancelled while it waited in the queue
@@ -233,7 +237,7 @@ class Worker:
                         "message %s: its worker was lost; generating it again", job.message_id
                     )
                     await writer.append(Kind.RESET, orjson.dumps({"reason": "worker_lost"}))
-                renewing = asyncio.create_task(self._renew_lease(entry_id))
+                renewing = asyncio.create_task(self._renew_lease(entry_id, cancelled))
                 try:
                     await self._generate(job, writer, cancelled)
                 finally:
@@ -247,7 +251,9 @@ class Worker:
                 return
             raise
         finally:
-            del self._running[job.message_id]
+            self._jobs.discard(entry_id)
+            if self._running.get(job.message_id) is cancelled:
+                del self._running[job.message_id]
             cancelled.cancel()
         await self._ack(entry_id)
 
@@ -283,8 +289,9 @@ class Worker:
             await asyncio.shield(writer.append(Kind.ERROR, orjson.dumps(interrupted)))
             raise
 
-    async def _renew_lease(self, entry_id: bytes) -> None:
-        """Keep the job's idle time low while generating, so no one takes it over."""
+    async def _renew_lease(self, entry_id: bytes, cancelled: asyncio.Future[str]) -> None:
+        """Keep the job's idle time low while generating, so no one takes it over; stop the
+        generation at once if it was taken over all the same."""
         period = self._settings.job_lease_s / 3
         args: list[str | bytes] = [keys.JOBS_GROUP, entry_id, self._consumer]
         while True:
@@ -292,6 +299,8 @@ class Worker:
             try:
                 if not await self._renew(keys=[keys.JOBS_STREAM], args=args):
                     _log.warning("job %s is no longer ours; another worker took it over", entry_id)
+                    if not cancelled.done():
+                        cancelled.set_result("lease_lost")  # its writes are fenced anyway
                     return
             except RedisError as exc:
                 _log.warning("renewing the lease of job %s failed: %s", entry_id, exc)
@@ -312,12 +321,15 @@ class Worker:
 
     async def _reclaim(self, lease_ms: int, count: int) -> None:
         group, stream = keys.JOBS_GROUP, keys.JOBS_STREAM
+        # Resume the scan where the last round stopped: XAUTOCLAIM looks at a bounded slice of
+        # the pending entries per call, and stale ones may lie past the first slice.
         reply = await self._redis.xautoclaim(
-            stream, group, self._consumer, lease_ms, "0-0", count=count
+            stream, group, self._consumer, lease_ms, self._reclaim_cursor, count=count
         )
+        self._reclaim_cursor = reply[0]
         for entry_id, fields in cast(list[tuple[bytes, dict[bytes, bytes] | None]], reply[1]):
-            if fields is None:
-                continue  # deleted meanwhile
+            if fields is None or entry_id in self._jobs:
+                continue  # deleted meanwhile, or one this process is generating
             pending = await self._redis.xpending_range(stream, group, entry_id, entry_id, 1)
             deliveries = int(pending[0]["times_delivered"]) if pending else 1
             if deliveries > self._settings.job_max_attempts:
@@ -356,10 +368,12 @@ class Worker:
         await self._ack(entry_id)
 
     def _writer(self, job: Job, entry_id: bytes) -> StreamWriter:
+        # One token per attempt, even on the same worker: a worker that takes over a job of its
+        # own (its renewals failed for a whole lease) still fences its earlier attempt out.
         return StreamWriter(
             self._redis,
             job.message_id,
-            owner=f"{self._consumer}/{entry_id.decode()}",
+            owner=f"{self._consumer}/{entry_id.decode()}/{secrets.token_hex(4)}",
             ttl_ms=self._settings.stream_ttl_s * 1000,
             maxlen=self._settings.stream_maxlen,
         )

@@ -160,8 +160,8 @@ async def test_a_redis_restart_is_survived_without_restarting_anything() -> None
 async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
     """1,000 clients of one live answer lose their connections at once; each resumes with
     Last-Event-ID through the load balancer and ends with exactly the whole answer."""
-    # 80 tokens, 100 ms apart: the answer is still being generated when the storm hits.
-    slow = {"TOKENRELAY_MOCK_TOKEN_DELAY_MS": "100"}
+    # 80 tokens, 150 ms apart (12 s): still being generated when the storm hits.
+    slow = {"TOKENRELAY_MOCK_TOKEN_DELAY_MS": "150"}
     async with (
         _stack(gateways=2, workers=1, **slow) as stack,
         CuttingProxy(stack.topology.lb_port) as proxy,
@@ -191,6 +191,7 @@ async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
 
             readers = [asyncio.create_task(read(i)) for i in range(len(streams))]
             await asyncio.wait_for(started.wait(), 60)  # every client is on the live tail
+            live_at_cut = [not reader.done() for reader in readers]
             proxy.cut()
             results = await asyncio.wait_for(asyncio.gather(*readers), 90)
             whole = [
@@ -200,4 +201,7 @@ async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
             ]
     assert len(whole) == 80  # one entry per token
     assert all(ids == whole for ids in results)  # no gap, no duplicate, for every client
-    assert all(s.reconnects >= 1 for s in streams)  # every one of them was cut and resumed
+    # Every client still reading when the storm hit was cut and resumed; on a slow machine a
+    # few may have had the whole answer already, but the storm must have hit nearly all.
+    assert sum(live_at_cut) >= 900
+    assert all(s.reconnects >= 1 for s, live in zip(streams, live_at_cut, strict=True) if live)

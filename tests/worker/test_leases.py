@@ -10,6 +10,7 @@ import sys
 from typing import cast
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from shared import keys
@@ -112,3 +113,32 @@ async def test_a_job_that_keeps_losing_its_workers_goes_to_the_dead_letters(
     assert last is not None
     assert orjson.loads(last.data)["type"] == "job_failed"
     assert (await redis.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP))["pending"] == 0
+
+
+async def test_a_worker_taking_over_its_own_job_fences_its_earlier_attempt(
+    settings: Settings, redis: Redis
+) -> None:
+    """If a worker's own renewals fail for a whole lease, it may reclaim its own job: the two
+    attempts must still be told apart, or both would write into one answer."""
+    from shared.redis_client import RedisConnector
+    from worker.backends.mock import MockBackend
+    from worker.runner import Worker
+    from worker.stream_writer import WriteRefused
+
+    job = Job("O" * 22, "own", 5)
+    await submit(redis, job, ttl_ms=60_000, model="test")
+    connector = RedisConnector(settings)
+    worker = Worker(
+        settings,
+        redis,
+        MockBackend(token_delay_s=0),
+        consumer="same",
+        connect=lambda: connector.dedicated_connection("t"),
+    )
+    first, second = worker._writer(job, b"1-0"), worker._writer(job, b"1-0")
+    assert await first.claim() == "ok"
+    await first.append(Kind.CHUNK, b'"from the first"')
+    assert await second.claim(takeover=True) == "ok"
+    with pytest.raises(WriteRefused, match="fenced"):
+        await first.append(Kind.CHUNK, b'"late"')
+    await connector.aclose()
