@@ -165,7 +165,7 @@ async def post_completions(request: Request) -> Response:
         model=completion.model,
         params=completion.params,
     )
-    await submit(
+    created_ms = await submit(
         state.redis,
         job,
         ttl_ms=settings.stream_ttl_s * 1000,
@@ -173,7 +173,8 @@ async def post_completions(request: Request) -> Response:
         include_usage=completion.include_usage,
         watch_ms=watch_ms,
     )
-    info = MessageInfo(completion.model, _now_s(), completion.include_usage, watch_ms)
+    # The same `created` as a resumed stream renders (from what submit stored).
+    info = MessageInfo(completion.model, created_ms // 1000, completion.include_usage, watch_ms)
     subscriber = state.hub.subscribe(message_id, watch_ms=watch_ms)
     headers = {"X-Message-Id": message_id}
     if completion.stream:
@@ -207,12 +208,6 @@ def _renderer(message_id: str, info: MessageInfo) -> OpenAIRenderer:
     return OpenAIRenderer(
         message_id, model=info.model, created_s=info.created_s, include_usage=info.include_usage
     )
-
-
-def _now_s() -> int:
-    import time
-
-    return int(time.time())
 
 
 def completion_response(

@@ -39,7 +39,6 @@ WATCH_MS = b"watch_ms"
 
 QUEUED = b"queued"
 RUNNING = b"running"
-TERMINAL_STATUSES = frozenset({b"done", b"error", b"cancelled"})
 
 
 def new_message_id() -> str:
@@ -116,18 +115,19 @@ async def submit(
     model: str,
     include_usage: bool = False,
     watch_ms: int | None = None,
-) -> None:
+) -> int:
     """Create the message (so readers find it at once) and queue its job for the workers.
 
     ``watch_ms`` opts into cancel-on-disconnect: generation stops once no client has watched
-    the message for that long.
+    the message for that long. Returns the creation time stored with it (ms since the epoch).
     """
     meta = keys.message_meta(job.message_id)
+    created_ms = time.time_ns() // 1_000_000
     fields: dict[bytes, bytes | str] = {
         STATUS: QUEUED,
         SEQ: b"0",
         OWNER: b"",
-        CREATED_MS: str(time.time_ns() // 1_000_000),
+        CREATED_MS: str(created_ms),
         MODEL: model,
         INCLUDE_USAGE: b"1" if include_usage else b"0",
     }
@@ -142,6 +142,7 @@ async def submit(
             pipe.set(keys.message_watched(job.message_id), b"1", px=watch_ms)
         await pipe.execute()
     await redis.xadd(keys.JOBS_STREAM, job.to_fields())  # type: ignore[arg-type]
+    return created_ms
 
 
 # Ask for cancellation. A message no worker has taken yet ends here and now: its cancelled event
