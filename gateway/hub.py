@@ -120,10 +120,6 @@ class Subscriber:
         self._detach()
         self._wake()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def _wait(self, *also: asyncio.Future[None]) -> None:
         """Sleep until pushed, woken (heartbeat, close, end), or one of ``also`` completes."""
         waiter = self._waiter = asyncio.get_running_loop().create_future()

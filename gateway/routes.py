@@ -85,9 +85,7 @@ async def get_chat(request: Request) -> Response:
 async def cancel_chat(request: Request) -> Response:
     """Stop a generation: 202 (the stream ends with a cancelled event), 404, or 409 if finished."""
     state = GatewayState.of(request)
-    message_id = request.path_params["message_id"]
-    if not is_message_id(message_id):
-        raise ApiError(404, f"message {message_id} does not exist")
+    message_id = _path_message_id(request)
     settings = state.settings
     outcome = await request_cancel(
         state.redis, message_id, ttl_ms=settings.stream_ttl_s * 1000, maxlen=settings.stream_maxlen
@@ -105,15 +103,21 @@ async def start_point(request: Request) -> tuple[str, StartPoint | None]:
     Redis being unreachable is answered at once with "retry later" (see RetryLaterResponse).
     """
     state = GatewayState.of(request)
-    message_id = request.path_params["message_id"]
-    if not is_message_id(message_id):
-        raise ApiError(404, f"message {message_id} does not exist")
+    message_id = _path_message_id(request)
     cursor = resume_cursor(request)
     try:
         return message_id, await locate(state.redis, message_id, cursor)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         _log.warning("resume of %s deferred: %s", message_id, exc)
         raise RetryLater(str(exc)) from exc
+
+
+def _path_message_id(request: Request) -> str:
+    """The path's message id; 404 unless it has a message id's shape (it is used in keys)."""
+    message_id: str = request.path_params["message_id"]
+    if not is_message_id(message_id):
+        raise ApiError(404, f"message {message_id} does not exist")
+    return message_id
 
 
 def stream_from(

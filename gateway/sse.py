@@ -56,6 +56,7 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self._subscriber
         watcher = asyncio.ensure_future(close_on_disconnect(receive, subscriber))
+        last_words = b""  # what a stream that ends before its terminal event says last
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             if self._first:
@@ -65,27 +66,18 @@ class EventStreamResponse(Response):
                 if body:  # events without a frame in this format render to nothing
                     await send({"type": "http.response.body", "body": body, "more_body": True})
         except Draining:
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": self._render.draining(self._retry_ms),
-                    "more_body": True,
-                }
-            )
+            last_words = self._render.draining(self._retry_ms)
         except MessageGone as exc:
             _log.warning("stream of %s ended: %s", subscriber.message_id, exc)
-            await send(
-                {"type": "http.response.body", "body": self._render.lost(), "more_body": True}
-            )
+            last_words = self._render.lost()
         except RedisError as exc:
             _log.warning("stream of %s ended early: %s", subscriber.message_id, exc)
-            if last_words := self._render.interrupted(type(exc).__name__):
-                await send({"type": "http.response.body", "body": last_words, "more_body": True})
+            last_words = self._render.interrupted(type(exc).__name__)
         finally:
             subscriber.close()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last_words, "more_body": False})
 
 
 class RetryLaterResponse(Response):

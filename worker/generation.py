@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -47,9 +48,7 @@ async def generate(
     except CancelRequested as exc:
         if exc.reason == WORKER_STOPPING:
             # Not the client's doing: the answer is incomplete, so it ends as an error.
-            await _append_error(
-                writer, "worker_shutdown", "the worker stopped mid-answer; ask again"
-            )
+            await append_shutdown_error(writer)
         else:
             await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
         return
@@ -76,12 +75,13 @@ async def _copy_pieces(
     chunker = _Chunker(writer, coalesce_s)
     pending: asyncio.Future[Piece] | None = None
     watch_check_s = writer.watch_ms / 2000 if writer.watch_ms else None
-    waits: set[asyncio.Future[object]] = set()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(pieces))
-            waits = {pending} if cancelled is None else {pending, cancelled}  # type: ignore[arg-type]
+            waits: set[asyncio.Future[Any]] = (
+                {pending} if cancelled is None else {pending, cancelled}
+            )
             # Wait for the next piece, but only until the coalescing window closes (or the
             # presence of a cancel-on-disconnect message is due for a check); the read stays in
             # flight meanwhile (cancelling it would close the backend's stream).
@@ -162,6 +162,11 @@ class _Chunker:
             await self.flush()
         except CancelRequested:
             self._buffer.clear()
+
+
+async def append_shutdown_error(writer: StreamWriter) -> None:
+    """End a message whose worker is stopping before the answer was complete."""
+    await _append_error(writer, "worker_shutdown", "the worker stopped mid-answer; ask again")
 
 
 def _earliest(*timeouts: float | None) -> float | None:

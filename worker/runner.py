@@ -39,7 +39,7 @@ from shared.live import LiveChannels
 from shared.messages import Job
 from shared.settings import Settings
 from worker.backends.base import GenerationRequest, ModelBackend
-from worker.generation import WORKER_STOPPING, generate
+from worker.generation import WORKER_STOPPING, append_shutdown_error, generate
 from worker.stream_writer import StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
@@ -282,11 +282,7 @@ class Worker:
         except asyncio.CancelledError:
             # Stopped past the shutdown grace: end the message rather than leave its readers
             # waiting for an end that never comes.
-            interrupted = {
-                "type": "worker_shutdown",
-                "message": "the worker stopped mid-answer; ask again",
-            }
-            await asyncio.shield(writer.append(Kind.ERROR, orjson.dumps(interrupted)))
+            await asyncio.shield(append_shutdown_error(writer))
             raise
 
     async def _renew_lease(self, entry_id: bytes, cancelled: asyncio.Future[str]) -> None:

@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator
 from shared.errors import ModelError
 from worker.backends.base import Choice, GenerationRequest, Piece, Usage
 
-MOCK_MODEL = "tokenrelay-mock"
-
 _FAIL_AFTER = re.compile(r"\[\[fail_after=(\d{1,9})\]\]")
 
 _WORDS = (
