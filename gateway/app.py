@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import openai_api
+from gateway.direct import Gateway
 from gateway.errors import (
     ApiError,
     RetryLater,
@@ -75,8 +76,11 @@ def create_app(
             for task in tasks:
                 task.cancel()
             for result in await asyncio.gather(*tasks, return_exceptions=True):
-                if not isinstance(result, asyncio.CancelledError):
-                    _log.error("gateway task ended with %r", result)
+                # None: it returned on close (LiveChannels does); cancelled: as asked.
+                if isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError
+                ):
+                    _log.error("gateway task failed", exc_info=result)
             await redis_connector.aclose()
 
     routes = [*ROUTES, *openai_api.ROUTES]
@@ -85,7 +89,7 @@ def create_app(
         routes.append(
             demo_page(resources.files("gateway").joinpath("static/demo.html").read_bytes())
         )
-    return Starlette(
+    return Gateway(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,

@@ -59,6 +59,14 @@ class Gap:
 Item = Event | Gap
 
 
+class LiveSink(Protocol):
+    """Where a live subscriber's events go as the tail delivers them (see gateway.direct)."""
+
+    def offer(self, event: Event) -> bool:
+        """Send ``event`` now; False (nothing sent) when the client is not keeping up."""
+        ...
+
+
 class Subscriber:
     """One client's view of a message from a cursor on: :meth:`next_batch` until None, then
     :meth:`close`."""
@@ -77,6 +85,8 @@ class Subscriber:
         self._waiter: asyncio.Future[None] | None = None
         self._tail: _Tail | None = None
         self.last_active = hub.now()
+        #: Set by the response when it can write events itself, without a task switch each.
+        self.sink: LiveSink | None = None
 
     async def next_batch(self) -> list[Item] | None:
         """Items ready to send, in order; ``[]`` means "send a heartbeat"; None means the end.
@@ -131,10 +141,28 @@ class Subscriber:
         finally:
             self._waiter = None
 
-    def _push(self, event: Event) -> None:
+    def _push(self, event: Event, now: float) -> None:
         """Called by the tail for every live event."""
         if event.id <= self._last_id:
             return  # already read from the stream while catching up
+        sink = self.sink
+        # Straight to the client when nothing is queued before it and nothing is missing.
+        if sink is not None and not self._pending and self._next_n == event.n:
+            if sink.offer(event):
+                self._last_id = event.id
+                self._next_n = event.n + 1
+                self.last_active = now
+                if event.kind.terminal:
+                    self._finished = True
+                    self._detach()
+                    self._wake()
+                return
+            # The client is not keeping up: catch up from Redis once it has drained.
+            self._hub.fell_behind += 1
+            self._detach()
+            self._catching_up = True
+            self._wake()
+            return
         if len(self._pending) >= self._hub.backlog:
             # Too slow: stop buffering in memory and re-read from Redis when the client drains.
             self._detach()
@@ -320,12 +348,12 @@ class _Tail:
                 return
 
     def _deliver(self, event: Event) -> None:
-        self.last_heard = self.hub.now()
+        now = self.last_heard = self.hub.now()
         if event.id <= self.last_id:
             return
         self.last_id, self.last_n = event.id, event.n
         for subscriber in list(self.subscribers):
-            subscriber._push(event)
+            subscriber._push(event, now)
 
     def _end_gone(self) -> None:
         for subscriber in list(self.subscribers):
@@ -382,6 +410,7 @@ class Hub:
         self.linger_s = linger_s
         self.presence_interval_s = presence_interval_s
         self.reads = 0  # XRANGE/XREVRANGE calls this hub made: the fan-out's whole read cost
+        self.fell_behind = 0  # times a directly written client could not keep up
         self._tails: dict[str, _Tail] = {}
         self._subscribers: set[Subscriber] = set()
         # Subscribers per message (attached or catching up), and since when a message has none.

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from gateway.direct import chunk
 from gateway.hub import Gap, Item
 from shared.events import Event, Kind
 
@@ -60,6 +61,23 @@ class Renderer:
         if frame is None:
             frame = frames[self.key] = self.render(item)
         return frame
+
+    def chunked(self, event: Event) -> bytes:
+        """The event's frame as one HTTP/1.1 chunk (``b""`` when it has no frame), cached like
+        the frame: what the tail writes to every live subscriber's socket."""
+        frames = event.frames
+        if frames is None:
+            frames = event.frames = {}
+        key = self.chunked_key
+        framed = frames.get(key)
+        if framed is None:
+            frame = self.frame(event)
+            framed = frames[key] = chunk(frame) if frame else b""
+        return framed
+
+    @property
+    def chunked_key(self) -> str:
+        return self.key + "/chunked"
 
     def render(self, event: Event) -> bytes:
         raise NotImplementedError

@@ -10,8 +10,10 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.direct import DirectWriter, chunk, writer_for
 from gateway.hub import Draining, MessageGone, Subscriber
 from gateway.render import Renderer
+from shared.events import Event
 
 _log = logging.getLogger(__name__)
 
@@ -61,10 +63,11 @@ class EventStreamResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             if self._first:
                 await send({"type": "http.response.body", "body": self._first, "more_body": True})
-            while (items := await subscriber.next_batch()) is not None:
-                body = self._render(items) if items else self._render.heartbeat
-                if body:  # events without a frame in this format render to nothing
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            writer = writer_for(scope)
+            if writer is not None and writer.usable:
+                await self._stream_direct(writer)
+            else:
+                await self._stream(send)
         except Draining:
             last_words = self._render.draining(self._retry_ms)
         except MessageGone as exc:
@@ -78,6 +81,46 @@ class EventStreamResponse(Response):
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
         await send({"type": "http.response.body", "body": last_words, "more_body": False})
+
+    async def _stream(self, send: Send) -> None:
+        """Every item through ASGI ``send``."""
+        subscriber, render = self._subscriber, self._render
+        while (items := await subscriber.next_batch()) is not None:
+            body = render(items) if items else render.heartbeat
+            if body:  # events without a frame in this format render to nothing
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _stream_direct(self, writer: DirectWriter) -> None:
+        """Catch-up batches and heartbeats written here; live events by the tail (the sink)."""
+        subscriber, render = self._subscriber, self._render
+        subscriber.sink = _DirectSink(writer, render)
+        while (items := await subscriber.next_batch()) is not None:
+            # No await between next_batch() and this write: a live event the tail writes
+            # directly can only come after it.
+            body = render(items) if items else render.heartbeat
+            if body:
+                writer.write(chunk(body))
+            if writer.congested:
+                await writer.drained()
+
+
+class _DirectSink:
+    """A live subscriber's events, written to its socket in the tail's loop."""
+
+    __slots__ = ("_render", "_writer")
+
+    def __init__(self, writer: DirectWriter, render: Renderer) -> None:
+        self._writer = writer
+        self._render = render
+
+    def offer(self, event: Event) -> bool:
+        writer = self._writer
+        if writer.congested:
+            return False
+        framed = self._render.chunked(event)
+        if framed:
+            writer.write(framed)
+        return True
 
 
 class RetryLaterResponse(Response):
