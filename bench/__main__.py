@@ -1,0 +1,147 @@
+"""The side-by-side benchmark: tokenrelay's gateway, a naive gateway, Nchan and a C floor.
+
+    python -m bench            # full: workloads A, B, C, D and idle memory, 3 rounds
+    python -m bench --quick    # under 2 minutes: A at 100 and 1,000, a storm, idle memory
+    python -m bench --smoke    # seconds: the harness works and notices a planted gap
+
+Each run starts its system afresh, pinned to one core, with the load generator (compiled C),
+Redis and the publisher on the other. Runs rotate the order of systems from round to round.
+Prints a markdown table; writes every run and the summary as JSON under docs/bench/ (and, for a
+full run, the charts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import report, systems
+from bench.workloads import Workload, run
+
+_OUT = Path(__file__).resolve().parent.parent / "docs" / "bench"
+
+_STREAMING = ["tokenrelay", "tokenrelay+coalescing", "nchan", "naive", "floor"]
+_RESUMING = ["tokenrelay", "nchan", "naive", "floor"]
+
+
+def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
+    """What to run: each workload with the systems it runs on."""
+    if quick:
+        return [
+            (Workload("A", 100, tokens=200), _STREAMING),
+            (Workload("A", 1000, tokens=200), _STREAMING),
+            (Workload("C", 1000, rate=50, tokens=200, storm_at=1.0), ["tokenrelay", "nchan"]),
+            (Workload("M", 1000), _RESUMING),
+        ]
+    return [
+        *((Workload("A", n, tokens=500), _STREAMING) for n in (100, 1000, 5000)),
+        (Workload("A", 10_000, rate=20, tokens=200), ["tokenrelay", "tokenrelay+coalescing"]),
+        (Workload("B", 100, streams=100, rate=20, tokens=100, churn_every=30), _RESUMING),
+        (Workload("B", 1000, streams=1000, rate=5, tokens=40, churn_every=15), _RESUMING),
+        (Workload("B", 5000, streams=5000, rate=1, tokens=10, churn_every=4), _RESUMING),
+        *((Workload("C", n, rate=50, tokens=400, storm_at=2.0), _RESUMING) for n in (1000, 5000)),
+        (Workload("D", 1000, tokens=500, slow_fraction=0.1), _RESUMING),
+        (Workload("M", 2000), _RESUMING),
+    ]
+
+
+async def bench(rounds: int, quick: bool, only: set[str] | None) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for round_ in range(rounds):
+        for workload, names in plan(quick):
+            names = [n for n in names if only is None or n in only]
+            shift = round_ % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                print(f"round {round_ + 1}/{rounds}: {workload.label} on {name}", file=sys.stderr)
+                result = await run(systems.ALL[name], workload)
+                result["round"] = round_
+                runs.append(result)
+    return runs
+
+
+async def smoke() -> int:
+    """A few seconds: every subscriber of the floor notices the planted gap, and tokenrelay
+    delivers every token once, in order."""
+    subscribers = 20
+    planted = await run(
+        systems.ALL["floor"], Workload("A", subscribers, rate=200, tokens=40), plant="gap"
+    )
+    clean = await run(systems.ALL["tokenrelay"], Workload("A", subscribers, rate=200, tokens=40))
+    checks = {
+        "floor: each subscriber saw the planted gap": planted["gaps"] == subscribers,
+        "floor: no duplicate": planted["dups"] == 0,
+        "tokenrelay: every token delivered": clean["delivered_tokens"] == subscribers * 40,
+        "tokenrelay: no gap, no duplicate": clean["gaps"] == clean["dups"] == 0,
+    }
+    for what, ok in checks.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {what}")
+    return 0 if all(checks.values()) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a reduced plan, under 2 minutes")
+    mode.add_argument("--smoke", action="store_true", help="seconds: the harness works")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
+    parser.add_argument("--systems", default=None, help="comma-separated subset of systems")
+    parser.add_argument("--out", type=Path, default=_OUT, help="where JSON and charts go")
+    args = parser.parse_args()
+    if systems.LOAD_CORE is not None:
+        os.sched_setaffinity(0, {systems.LOAD_CORE})  # the publisher shares the load's core
+    if args.smoke:
+        return asyncio.run(smoke())
+    rounds = args.rounds or (1 if args.quick else 3)
+    only = set(args.systems.split(",")) if args.systems else None
+    started = datetime.datetime.now(datetime.UTC)
+    runs = asyncio.run(bench(rounds, args.quick, only))
+    rows = report.summarise(runs)
+    table = report.markdown(rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "quick" if args.quick else "results"
+    document = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "machine": _machine(),
+        "rounds": rounds,
+        "summary": rows,
+        "runs": [
+            {k: v for k, v in r.items() if k != "loadgen"} | {"loadgen": r.get("loadgen")}
+            for r in runs
+        ],
+    }
+    (args.out / f"{name}.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    (args.out / f"{name}.md").write_text(table)
+    if not args.quick:
+        for path in report.charts(rows, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "server_core": systems.SERVER_CORE,
+        "load_core": systems.LOAD_CORE,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

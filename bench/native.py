@@ -1,0 +1,33 @@
+"""The harness's compiled programs (C, in ``bench/c/``), built with gcc when first needed."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+_SOURCES = Path(__file__).parent / "c"
+_BUILD = Path.home() / ".cache" / "tokenrelay-bench"
+
+
+def program(name: str) -> Path:
+    """The path of the built program ``name`` (``loadgen`` or ``floor``), built if out of date.
+
+    The binary's name carries a hash of its source, so an edited source is always rebuilt.
+    """
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError("the benchmark builds its load generator with gcc: install gcc")
+    source = _SOURCES / f"{name}.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = _BUILD / f"{name}-{digest}"
+    if not binary.exists():
+        _BUILD.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_suffix(".tmp")
+        subprocess.run(
+            [gcc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(partial), str(source)],
+            check=True,
+        )
+        partial.rename(binary)
+    return binary

@@ -1,0 +1,244 @@
+"""The workloads, and one measured run of one system under one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from bench import native, procstat
+from bench.systems import LOAD_CORE, Publisher, Running, System
+
+# The append script runs 6 commands (HMGET, XADD, HSET, 2 PEXPIRE, PUBLISH) plus its EVALSHA.
+_COMMANDS_PER_APPEND = 7
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str  # A fan-out, B chat-like, C reconnect storm, D slow subscribers, M idle memory
+    subscribers: int
+    streams: int = 1
+    rate: float = 100.0  # tokens per second per stream
+    tokens: int = 400  # per stream
+    churn_every: int = 0  # B: each client drops and resumes after this many tokens
+    storm_at: float = -1.0  # C: seconds after all connected when every client drops
+    slow_fraction: float = 0.0  # D
+
+    @property
+    def label(self) -> str:
+        if self.kind == "B":
+            return f"B {self.streams} streams x 1"
+        names = {"A": "fan-out", "C": "storm", "D": "slow 10%", "M": "idle"}
+        return f"{self.kind} {names[self.kind]} {self.subscribers}"
+
+    @property
+    def seconds(self) -> float:
+        return self.tokens / self.rate
+
+
+async def drive(
+    publisher: Publisher, streams: int, rate: float, tokens: int, *, plant: str | None = None
+) -> float:
+    """Publish ``tokens`` tokens to each stream at ``rate`` per second each; return when done.
+
+    Tokens go to the streams in turn, so load is even over time. Each is "s=<n> t=<ns> ", its
+    sequence number in its stream and the wall-clock time it was published. ``plant`` is
+    ``"gap"`` (skip one number of stream 0) or ``"duplicate"`` (send one token of stream 0
+    twice), to show that the load generator notices. Returns the seconds it took.
+    """
+    total_rate = rate * streams
+    tick = max(0.01, 1 / total_rate)
+    per_tick = total_rate * tick
+    seq = [0] * streams
+    cursor = 0
+    owed = 0.0
+    remaining = streams * tokens
+    loop = asyncio.get_running_loop()
+    started = deadline = loop.time()
+    while remaining:
+        owed += per_tick
+        batch: list[tuple[int, str]] = []
+        while owed >= 1 and remaining:
+            owed -= 1
+            stream = cursor
+            cursor = (cursor + 1) % streams
+            if seq[stream] >= tokens:
+                continue
+            n = seq[stream]
+            seq[stream] += 1
+            remaining -= 1
+            planted = stream == 0 and n == tokens // 2
+            if planted and plant == "gap":
+                continue
+            text = f"s={n} t={time.time_ns()} "
+            batch.append((stream, text + text if planted and plant == "duplicate" else text))
+        if batch:
+            await publisher.publish(batch)
+        await publisher.flush_due()
+        deadline += tick
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+    await publisher.flush_all()
+    return loop.time() - started
+
+
+async def run(system: System, workload: Workload, *, plant: str | None = None) -> dict[str, Any]:
+    """One run on freshly started processes: the figures of ``system`` under ``workload``
+    (``plant``: see :func:`drive`)."""
+    async with system.start(workload.streams) as running:
+        if workload.kind == "M":
+            return await _idle_memory(system, workload, running)
+        return await _measured(system, workload, running, plant)
+
+
+async def _start_loadgen(
+    workload: Workload, running: Running, *, duration: float, expect: int
+) -> tuple[asyncio.subprocess.Process, str]:
+    fd, paths_file = tempfile.mkstemp(prefix="bench-paths-")
+    os.write(fd, "".join(p + "\n" for p in running.paths).encode())
+    os.close(fd)
+    pin = [] if LOAD_CORE is None else ["taskset", "-c", str(LOAD_CORE)]
+    argv = [
+        *pin, str(native.program("loadgen")),
+        "--port", str(running.port), "--paths", paths_file,
+        "--conns", str(workload.subscribers), "--duration", str(duration),
+        "--expect", str(expect), "--churn-every", str(workload.churn_every),
+        "--storm-at", str(workload.storm_at), "--slow-fraction", str(workload.slow_fraction),
+    ]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 120)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RuntimeError("the load generator did not connect within 120 s") from None
+    if not line.startswith(b"READY"):
+        await process.wait()
+        raise RuntimeError(f"the load generator failed: {line!r}")
+    return process, paths_file
+
+
+async def _measured(
+    system: System, workload: Workload, running: Running, plant: str | None
+) -> dict[str, Any]:
+    server = procstat.family(running.server_pid)
+    duration = workload.seconds + max(workload.storm_at, 0) + 20
+    if workload.slow_fraction:
+        duration = workload.seconds + 5  # slow readers never finish: stop after the others
+    loadgen, paths_file = await _start_loadgen(
+        workload, running, duration=duration, expect=workload.tokens
+    )
+    try:
+        server = procstat.family(running.server_pid)  # uvicorn/nginx workers are up by now
+        if running.redis is not None:
+            await running.redis.config_resetstat()
+        cpu0 = procstat.cpu_ns(server)
+        redis0 = procstat.cpu_ns([running.redis_pid]) if running.redis_pid else 0
+        wall0 = time.monotonic()
+        writes0 = running.publisher.writes
+        drive_s = await drive(
+            running.publisher, workload.streams, workload.rate, workload.tokens, plant=plant
+        )
+        out, _ = await loadgen.communicate()
+        wall = time.monotonic() - wall0
+        cpu = procstat.cpu_ns(server) - cpu0
+        redis_cpu = (procstat.cpu_ns([running.redis_pid]) - redis0) if running.redis_pid else 0
+        rss = procstat.rss_bytes(server)
+        writes = running.publisher.writes - writes0
+        commands = await _gateway_commands(running, writes)
+    finally:
+        if loadgen.returncode is None:
+            loadgen.kill()
+            await loadgen.wait()
+        os.unlink(paths_file)
+    result = orjson.loads(out)
+    return _figures(system, workload, result, cpu, redis_cpu, wall, drive_s, rss, commands, writes)
+
+
+async def _gateway_commands(running: Running, writes: int) -> int | None:
+    """Commands the gateway sent Redis during the run (all minus the publisher's appends)."""
+    if running.redis is None:
+        return None
+    stats: dict[str, Any] = await running.redis.info("commandstats")
+    calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+    return max(0, calls - _COMMANDS_PER_APPEND * writes)
+
+
+def _figures(
+    system: System,
+    workload: Workload,
+    result: dict[str, Any],
+    cpu_ns: int,
+    redis_cpu_ns: int,
+    wall: float,
+    drive_s: float,
+    rss: int,
+    commands: int | None,
+    writes: int,
+) -> dict[str, Any]:
+    tokens = result["tokens"] or math.nan
+    events = result["events"] or math.nan
+    latency = result["latency_ms"]
+    return {
+        "system": system.name,
+        "workload": workload.label,
+        **asdict(workload),
+        "delivered_tokens": result["tokens"],
+        "delivered_events": result["events"],
+        "tokens_per_s": result["tokens"] / drive_s,
+        "cpu_us_per_token": cpu_ns / 1000 / tokens,
+        "redis_cpu_us_per_token": redis_cpu_ns / 1000 / tokens,
+        "cpu_us_per_event": cpu_ns / 1000 / events,
+        "server_core_busy": cpu_ns / 1e9 / wall,
+        "loadgen_core_busy": result["cpu_s"] / result["elapsed_s"],
+        "latency_p50_ms": latency["p50"],
+        "latency_p99_ms": latency["p99"],
+        "latency_p999_ms": latency["p999"],
+        "latency_max_ms": latency["max"],
+        "slow_latency_p50_ms": result["slow_latency_ms"]["p50"],
+        "back_p50_ms": result["back_ms"]["p50"],
+        "back_p99_ms": result["back_ms"]["p99"],
+        "back_max_ms": result["back_ms"]["max"],
+        "bytes_per_event": result["bytes"] / events,
+        "redis_cmds_per_token": None if commands is None else commands / tokens,
+        "writes": writes,
+        "rss_mb": rss / 1e6,
+        "gaps": result["gaps"],
+        "dups": result["dups"],
+        "incomplete": result["incomplete"],
+        "errors": result["errors"],
+        "non_200": result["status_204"] + result["status_4xx"] + result["status_5xx"],
+        "loadgen": result,
+    }
+
+
+async def _idle_memory(system: System, workload: Workload, running: Running) -> dict[str, Any]:
+    """Resident memory per idle connection: fresh processes, then ``subscribers`` connections
+    that receive nothing."""
+    await asyncio.sleep(1.0)  # let the server settle after start
+    server = procstat.family(running.server_pid)
+    before = procstat.rss_bytes(server)
+    loadgen, paths_file = await _start_loadgen(workload, running, duration=8, expect=0)
+    try:
+        await asyncio.sleep(2.0)
+        after = procstat.rss_bytes(procstat.family(running.server_pid))
+    finally:
+        loadgen.kill()
+        await loadgen.wait()
+        os.unlink(paths_file)
+    return {
+        "system": system.name,
+        "workload": workload.label,
+        **asdict(workload),
+        "rss_before_mb": before / 1e6,
+        "rss_after_mb": after / 1e6,
+        "kb_per_idle_conn": (after - before) / 1024 / workload.subscribers,
+    }
