@@ -61,6 +61,8 @@ def create_app(
             live,
             backlog=settings.subscriber_backlog,
             heartbeat_s=settings.heartbeat_s,
+            # Never more than Redis retains: every gateway answers a cursor the same way.
+            replay=min(settings.live_replay, settings.stream_maxlen),
             presence_interval_s=settings.cancel_grace_s / 3,
         )
         app.state.gateway = GatewayState(settings, redis, hub)

@@ -47,8 +47,10 @@ class DirectWriter:
         return bool(self._flow.write_paused or self._transport.is_closing())
 
     def write(self, chunk: bytes) -> None:
-        """Write one already chunk-framed piece of the body (see :func:`chunk`)."""
-        self._transport.write(chunk)
+        """Write one already chunk-framed piece of the body (see :func:`chunk`); nothing once
+        the client is gone (uvloop raises on a write to a closed transport)."""
+        if not self._transport.is_closing():
+            self._transport.write(chunk)
 
     async def drained(self) -> None:
         await self._flow.drain()

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -35,6 +36,9 @@ from shared import keys
 from shared.errors import TokenrelayError
 from shared.events import ZERO_ID, EntryId, Event
 from shared.streams import read_after, read_newest
+
+if TYPE_CHECKING:
+    from gateway.resume import MessageInfo
 
 _log = logging.getLogger(__name__)
 _READ_BATCH = 512
@@ -183,6 +187,8 @@ class Subscriber:
 
     async def _catch_up(self) -> None:
         hub = self._hub
+        if self._catch_up_in_memory():
+            return
         events = await read_after(
             hub.redis, keys.message_stream(self.message_id), self._last_id, count=_READ_BATCH
         )
@@ -214,6 +220,21 @@ class Subscriber:
             else:
                 await asyncio.sleep(0.05)
 
+    def _catch_up_in_memory(self) -> bool:
+        """Catch up from the tail's latest events and attach, if they cover this subscriber's
+        position; no Redis read and no await, so nothing can arrive in between."""
+        tail = self._hub._tails.get(self.message_id)
+        if tail is None or not tail.covers(self._last_id):
+            return False
+        for event in tail.events_after(self._last_id):
+            self._enqueue(event)
+            if self._finished:
+                return True
+        self._catching_up = False
+        self._tail = tail
+        tail.subscribers.add(self)
+        return True
+
     def _detach(self) -> None:
         if self._tail is not None:
             self._tail.subscribers.discard(self)
@@ -239,6 +260,12 @@ class _Tail:
         self.last_id = ZERO_ID
         self.last_n = -1
         self.last_heard = hub.now()
+        # The latest events delivered, in order; every event after ``floor`` up to ``last_id``
+        # is among them.
+        self.recent: deque[Event] = deque(maxlen=hub.replay)
+        self.floor = ZERO_ID
+        #: What the message's meta says (it does not change), once a join has read it.
+        self.info: MessageInfo | None = None
         # Announcements that arrive while the tail starts or re-reads the stream wait here;
         # None while announcements are delivered as they come.
         self.held: list[Event] | None = []
@@ -257,6 +284,25 @@ class _Tail:
         assert self.task is not None
         exc = self.task.exception()
         raise exc if exc is not None else MessageGone(f"tail of {self.message_id} stopped")
+
+    def covers(self, position: EntryId) -> bool:
+        """Whether every event after ``position`` that this tail has delivered is in memory."""
+        return self.ready and not self.broken and self.floor <= position <= self.last_id
+
+    def events_after(self, position: EntryId) -> list[Event]:
+        """The events in memory after ``position``, oldest first."""
+        recent = self.recent
+        start = len(recent)
+        while start and recent[start - 1].id > position:
+            start -= 1
+        return [recent[i] for i in range(start, len(recent))]
+
+    def find(self, position: EntryId) -> Event | None:
+        """The event at ``position``, if it is in memory."""
+        for event in reversed(self.recent):
+            if event.id <= position:
+                return event if event.id == position else None
+        return None
 
     def announce(self, event: Event) -> None:
         """Handle one event announced on the channel."""
@@ -294,6 +340,7 @@ class _Tail:
                 self.hub.reads += 1
                 if newest is not None:
                     self.last_id, self.last_n = newest.id, newest.n
+                self.floor = self.last_id
                 self.ready = True
             else:
                 await self._read_stream()
@@ -352,6 +399,13 @@ class _Tail:
         if event.id <= self.last_id:
             return
         self.last_id, self.last_n = event.id, event.n
+        recent = self.recent
+        if recent.maxlen:
+            if len(recent) == recent.maxlen:
+                self.floor = recent[0].id  # about to be dropped: covered no more
+            recent.append(event)
+        else:
+            self.floor = event.id
         for subscriber in list(self.subscribers):
             subscriber._push(event, now)
 
@@ -399,6 +453,7 @@ class Hub:
         *,
         backlog: int,
         heartbeat_s: float,
+        replay: int = 512,
         linger_s: float = 5.0,
         presence_interval_s: float = 10.0,
     ) -> None:
@@ -406,6 +461,7 @@ class Hub:
         self.live = live
         self.backlog = backlog
         self.heartbeat_s = heartbeat_s
+        self.replay = replay
         # A tail nobody watches is kept this long, so clients that reconnect find it warm.
         self.linger_s = linger_s
         self.presence_interval_s = presence_interval_s
@@ -472,6 +528,11 @@ class Hub:
         """LiveChannels callback: the connection was re-established; announcements may be lost."""
         for tail in self._tails.values():
             tail.resync()
+
+    def warm_tail(self, message_id: str) -> _Tail | None:
+        """The message's tail if it is live and sound (its memory can answer for Redis)."""
+        tail = self._tails.get(message_id)
+        return tail if tail is not None and tail.ready and not tail.broken else None
 
     def _tail(self, message_id: str) -> _Tail:
         tail = self._tails.get(message_id)

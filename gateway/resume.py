@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from gateway.errors import ApiError
+from gateway.hub import Hub
 from shared import keys
 from shared.events import ZERO_ID, EntryId, Event
 from shared.messages import CREATED_MS, END, INCLUDE_USAGE, MODEL, STATUS, WATCH_MS
@@ -33,12 +34,33 @@ class StartPoint:
 
 
 async def locate(
-    redis: Redis, message_id: str, cursor: EntryId | None, *, not_found: str = "not_found"
+    redis: Redis,
+    message_id: str,
+    cursor: EntryId | None,
+    *,
+    hub: Hub | None = None,
+    not_found: str = "not_found",
 ) -> StartPoint | None:
     """The start point for ``cursor``; None when it is the final event (nothing more, ever).
 
     404 when the message does not exist (or expired); 400 when the cursor is not an event of it.
+    With ``hub``, a cursor among the latest events of a message this gateway follows is
+    answered from memory (a reconnect storm then costs Redis nothing).
     """
+    tail = None if hub is None else hub.warm_tail(message_id)
+    if tail is not None and tail.info is not None and cursor is not None and cursor != ZERO_ID:
+        event = tail.find(cursor)
+        if event is not None:
+            return None if event.kind.terminal else StartPoint(cursor, event.n + 1, tail.info)
+    start = await _locate(redis, message_id, cursor, not_found)
+    if start is not None and hub is not None and (tail := hub.warm_tail(message_id)):
+        tail.info = start.info
+    return start
+
+
+async def _locate(
+    redis: Redis, message_id: str, cursor: EntryId | None, not_found: str
+) -> StartPoint | None:
     stream = keys.message_stream(message_id)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hmget(

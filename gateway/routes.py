@@ -106,7 +106,7 @@ async def start_point(request: Request) -> tuple[str, StartPoint | None]:
     message_id = _path_message_id(request)
     cursor = resume_cursor(request)
     try:
-        return message_id, await locate(state.redis, message_id, cursor)
+        return message_id, await locate(state.redis, message_id, cursor, hub=state.hub)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         _log.warning("resume of %s deferred: %s", message_id, exc)
         raise RetryLater(str(exc)) from exc

@@ -95,6 +95,8 @@ class EventStreamResponse(Response):
         subscriber, render = self._subscriber, self._render
         subscriber.sink = _DirectSink(writer, render)
         while (items := await subscriber.next_batch()) is not None:
+            if not writer.usable:
+                return  # the client left (the disconnect watcher closes the subscriber too)
             # No await between next_batch() and this write: a live event the tail writes
             # directly can only come after it.
             body = render(items) if items else render.heartbeat

@@ -88,6 +88,13 @@ class Settings:
         "from Redis instead.",
         minimum=1,
     )
+    live_replay: int = _setting(
+        512,
+        "Latest events of each followed message a gateway keeps in memory: a client that joins "
+        "or reconnects within them needs no Redis read (0: always read Redis; at most "
+        "TOKENRELAY_STREAM_MAXLEN).",
+        minimum=0,
+    )
     worker_concurrency: int = _setting(
         32, "Generations one worker process runs at once.", minimum=1
     )

@@ -272,3 +272,52 @@ async def test_an_announcement_it_cannot_read_does_not_stop_the_others(
     assert parse_sse(raw).events[-1].data == "[DONE]"
     assert events.events[-1].data == "[DONE]"
     assert message_id_2 != message_id
+
+
+async def test_reconnects_near_the_live_end_are_answered_from_memory(
+    settings: Settings, redis: Redis
+) -> None:
+    paced = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0)
+    async with start_stack(paced) as stack, stack.client() as client:
+        async with client.stream(
+            "POST", "/chat/stream", json={"prompt": "warm", "max_tokens": 60}
+        ) as response:  # this follower keeps the message's tail warm
+            message_id = response.headers["x-message-id"]
+            url = f"/chat/stream/{message_id}"
+            raw = b""
+            async for piece in response.aiter_bytes():
+                raw += piece
+                if raw.count(b"data:") >= 10:
+                    break
+            ids = [e.id or "" for e in parse_sse(raw).events]
+            # The first resume reads the message's meta from Redis and leaves it with the tail.
+            await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[3]})
+            await redis.config_resetstat()
+            reads = stack.hub.reads
+            _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[5]})
+            assert await _redis_reads(redis) == 0  # neither locating nor catching up read Redis
+            assert stack.hub.reads == reads
+        _, whole = await read_stream(client, "GET", url)
+    assert parse_sse(resumed).events == parse_sse(whole).events[6:]
+
+
+async def test_a_cursor_older_than_the_memory_is_read_from_redis(
+    settings: Settings, redis: Redis
+) -> None:
+    small = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0, live_replay=3)
+    async with start_stack(small) as stack, stack.client() as client:
+        async with client.stream(
+            "POST", "/chat/stream", json={"prompt": "cold", "max_tokens": 40}
+        ) as response:
+            url = f"/chat/stream/{response.headers['x-message-id']}"
+            raw = b""
+            async for piece in response.aiter_bytes():
+                raw += piece
+                if raw.count(b"data:") >= 10:
+                    break
+            first_id = parse_sse(raw).events[0].id or ""
+            await redis.config_resetstat()
+            _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": first_id})
+            assert await _redis_reads(redis) > 0
+        _, whole = await read_stream(client, "GET", url)
+    assert parse_sse(resumed).events == parse_sse(whole).events[1:]
