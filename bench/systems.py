@@ -36,11 +36,14 @@ _MAXLEN = 100_000
 
 
 class Publisher(Protocol):
-    """Takes tokens (at most one per stream per call) and writes them as the system wants."""
+    """Takes tokens and writes them as the system wants, each stream's in order."""
 
     writes: int  # entries (events) written so far
 
     async def publish(self, tokens: list[tuple[int, str]]) -> None: ...
+
+    def next_flush(self) -> float | None:
+        """When (event loop time) held text must be written; None when nothing is held."""
 
     async def flush_due(self) -> None:
         """Write what a coalescing window has held long enough."""
@@ -152,8 +155,22 @@ class TokenrelayPublisher:
         self._chunkers = [_Chunker(w, self._coalesce_s) for w in self._writers]
 
     async def publish(self, tokens: list[tuple[int, str]]) -> None:
-        await asyncio.gather(*(self._chunkers[stream].add(text) for stream, text in tokens))
+        per_stream: dict[int, list[str]] = {}
+        for stream, text in tokens:
+            per_stream.setdefault(stream, []).append(text)
+        # Streams in parallel; one stream's tokens in order, as a worker writes them.
+        await asyncio.gather(*(self._add(stream, texts) for stream, texts in per_stream.items()))
         self.writes = sum(w.events_written for w in self._writers)
+
+    async def _add(self, stream: int, texts: list[str]) -> None:
+        for text in texts:
+            await self._chunkers[stream].add(text)
+
+    def next_flush(self) -> float | None:
+        if not self._coalesce_s:
+            return None
+        waits = [w for c in self._chunkers if (w := c.time_left()) is not None]
+        return asyncio.get_running_loop().time() + min(waits) if waits else None
 
     async def flush_due(self) -> None:
         due = [c for c in self._chunkers if c.time_left() == 0.0]
@@ -275,6 +292,9 @@ _NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 
 class _Unbuffered:
     """A publisher that writes every token at once (nothing to flush)."""
+
+    def next_flush(self) -> float | None:
+        return None
 
     async def flush_due(self) -> None:
         return

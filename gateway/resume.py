@@ -48,7 +48,9 @@ async def locate(
     answered from memory (a reconnect storm then costs Redis nothing).
     """
     tail = None if hub is None else hub.warm_tail(message_id)
-    if tail is not None and tail.info is not None and cursor is not None and cursor != ZERO_ID:
+    if tail is not None and tail.info is not None:
+        if cursor is None or cursor == ZERO_ID:
+            return StartPoint(ZERO_ID, 0, tail.info)
         event = tail.find(cursor)
         if event is not None:
             return None if event.kind.terminal else StartPoint(cursor, event.n + 1, tail.info)

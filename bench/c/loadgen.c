@@ -64,7 +64,7 @@ static double duration = 30, storm_at = -1, slow_fraction = 0;
 static int inflight_max = 256;
 static long long events, tokens, bytes_in, gaps, dups, errors, ended, done_conns, reconnects;
 static long long statuses[6];
-static Hist lat, slow_lat, back;
+static Hist lat, slow_lat, back, first;
 static int inflight, ready_said;
 
 static double now_s(void) {
@@ -128,6 +128,7 @@ static void on_token(Conn *c, long long seq, long long t_ns, long long now_ns) {
     c->next_seq = seq + 1;
     double us = (now_ns - t_ns) / 1000.0;
     hist_add(c->slow ? &slow_lat : &lat, us);
+    if (seq == 0) hist_add(&first, us); /* the first token of the stream */
     if (c->reconnected_at > 0 && t_ns >= (long long)(c->reconnected_at * 1e9)) {
         /* reconnected_at is on the wall clock, like t */
         hist_add(&back, (now_ns / 1e9 - c->reconnected_at) * 1e6);
@@ -339,6 +340,7 @@ int main(int argc, char **argv) {
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
     lat.b = calloc(BUCKETS, 4); slow_lat.b = calloc(BUCKETS, 4); back.b = calloc(BUCKETS, 4);
+    first.b = calloc(BUCKETS, 4);
     conns = calloc(nconns, sizeof *conns);
     int slow_every = slow_fraction > 0 ? (int)(1 / slow_fraction + 0.5) : 0;
     for (int i = 0; i < nconns; i++) {
@@ -417,6 +419,7 @@ int main(int argc, char **argv) {
            now_s() - t0, cpu_s());
     hist_json("latency_ms", &lat, 1000, ",");
     hist_json("slow_latency_ms", &slow_lat, 1000, ",");
-    hist_json("back_ms", &back, 1000, "}\n");
+    hist_json("back_ms", &back, 1000, ",");
+    hist_json("first_token_ms", &first, 1000, "}\n");
     return 0;
 }
