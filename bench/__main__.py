@@ -63,7 +63,12 @@ async def bench(rounds: int, quick: bool, only: set[str] | None) -> list[dict[st
             shift = round_ % len(names) if names else 0
             for name in names[shift:] + names[:shift]:
                 print(f"round {round_ + 1}/{rounds}: {workload.label} on {name}", file=sys.stderr)
-                result = await run(systems.ALL[name], workload)
+                try:
+                    result = await run(systems.ALL[name], workload)
+                except Exception as exc:
+                    # One system failing one workload is a finding, not the end of the run.
+                    print(f"  failed: {exc!r}", file=sys.stderr)
+                    result = {"system": name, "workload": workload.label, "error": repr(exc)}
                 result["round"] = round_
                 runs.append(result)
     return runs
@@ -106,7 +111,7 @@ def main() -> int:
     started = datetime.datetime.now(datetime.UTC)
     runs = asyncio.run(bench(rounds, args.quick, only))
     rows = report.summarise(runs)
-    table = report.markdown(rows)
+    table = report.markdown(rows) + report.failures(runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "quick" if args.quick else "results"

@@ -50,6 +50,8 @@ def summarise(runs: list[Run]) -> list[Run]:
     by_key: dict[tuple[str, str], list[Run]] = defaultdict(list)
     by_round: dict[tuple[int, str, str], Run] = {}
     for run in runs:
+        if "error" in run:
+            continue  # listed apart by failures()
         by_key[(run["workload"], run["system"])].append(run)
         by_round[(run["round"], run["workload"], run["system"])] = run
     rows = []
@@ -189,6 +191,18 @@ def markdown(rows: list[Run]) -> str:
             cells = " | ".join(cell(row) for _, cell in columns)
             out.append(f"| {row['workload']} | {row['system']} | {cells} |")
     return "\n".join(out) + "\n"
+
+
+def failures(runs: list[Run]) -> str:
+    """The runs that failed, as a markdown list (empty when none did)."""
+    failed = [r for r in runs if "error" in r]
+    if not failed:
+        return ""
+    lines = ["", "Runs that failed:", ""]
+    lines += [
+        f"- round {r['round'] + 1}, {r['workload']} on {r['system']}: {r['error']}" for r in failed
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _pct(row: Run, name: str) -> str:

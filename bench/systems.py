@@ -266,6 +266,9 @@ worker_rlimit_nofile 20000;
 events {{ worker_connections 20000; }}
 http {{
   access_log off;
+  # The publisher keeps its connections: nginx would close each after 1,000 requests.
+  keepalive_requests 100000000;
+  keepalive_timeout 3600s;
   client_body_temp_path {workdir}/body;
   proxy_temp_path {workdir}/proxy;
   fastcgi_temp_path {workdir}/fastcgi;

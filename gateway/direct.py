@@ -46,6 +46,14 @@ class DirectWriter:
         """The client reads slower than events come: wait for :meth:`drained`."""
         return bool(self._flow.write_paused or self._transport.is_closing())
 
+    @property
+    def transport(self) -> Any:
+        return self._transport
+
+    @property
+    def flow(self) -> Any:
+        return self._flow
+
     def write(self, chunk: bytes) -> None:
         """Write one already chunk-framed piece of the body (see :func:`chunk`); nothing once
         the client is gone (uvloop raises on a write to a closed transport)."""

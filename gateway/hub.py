@@ -75,6 +75,24 @@ class Subscriber:
     """One client's view of a message from a cursor on: :meth:`next_batch` until None, then
     :meth:`close`."""
 
+    # Slots: a gateway holds one per connection, and thousands of connections.
+    __slots__ = (
+        "_catching_up",
+        "_closed",
+        "_finished",
+        "_gone",
+        "_heartbeat_due",
+        "_hub",
+        "_last_id",
+        "_next_n",
+        "_pending",
+        "_tail",
+        "_waiter",
+        "last_active",
+        "message_id",
+        "sink",
+    )
+
     def __init__(self, hub: Hub, message_id: str, after: EntryId, next_n: int | None) -> None:
         self.message_id = message_id
         self._hub = hub

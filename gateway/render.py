@@ -65,19 +65,14 @@ class Renderer:
     def chunked(self, event: Event) -> bytes:
         """The event's frame as one HTTP/1.1 chunk (``b""`` when it has no frame), cached like
         the frame: what the tail writes to every live subscriber's socket."""
-        frames = event.frames
-        if frames is None:
-            frames = event.frames = {}
-        key = self.chunked_key
-        framed = frames.get(key)
+        chunks = event.chunks
+        if chunks is None:
+            chunks = event.chunks = {}
+        framed = chunks.get(self.key)
         if framed is None:
             frame = self.frame(event)
-            framed = frames[key] = chunk(frame) if frame else b""
+            framed = chunks[self.key] = chunk(frame) if frame else b""
         return framed
-
-    @property
-    def chunked_key(self) -> str:
-        return self.key + "/chunked"
 
     def render(self, event: Event) -> bytes:
         raise NotImplementedError

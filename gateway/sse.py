@@ -107,21 +107,30 @@ class EventStreamResponse(Response):
 
 
 class _DirectSink:
-    """A live subscriber's events, written to its socket in the tail's loop."""
+    """A live subscriber's events, written to its socket in the tail's loop.
 
-    __slots__ = ("_render", "_writer")
+    This runs once per event per subscriber: it reads uvicorn's flow control and the transport
+    directly, and takes the chunk from the event's cache when another subscriber made it.
+    """
+
+    __slots__ = ("_flow", "_key", "_render", "_transport")
 
     def __init__(self, writer: DirectWriter, render: Renderer) -> None:
-        self._writer = writer
+        self._transport = writer.transport
+        self._flow = writer.flow
         self._render = render
+        self._key = render.key
 
     def offer(self, event: Event) -> bool:
-        writer = self._writer
-        if writer.congested:
+        transport = self._transport
+        if self._flow.write_paused or transport.is_closing():
             return False
-        framed = self._render.chunked(event)
+        chunks = event.chunks
+        framed = None if chunks is None else chunks.get(self._key)
+        if framed is None:
+            framed = self._render.chunked(event)
         if framed:
-            writer.write(framed)
+            transport.write(framed)
         return True
 
 
