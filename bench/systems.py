@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench import native
 from shared.messages import Job, new_message_id, submit
@@ -116,7 +116,12 @@ async def _redis_server(workdir: str) -> AsyncIterator[tuple[Redis, int]]:
     )
     try:
         await _wait_for_port(port, process, "redis-server")
-        redis = Redis(port=port, socket_timeout=30)
+        # Blocking pool: thousands of streams append at once, and redis-py's plain pool fails
+        # past its cap (MaxConnectionsError) where this one waits.
+        pool = BlockingConnectionPool(
+            port=port, max_connections=64, timeout=None, socket_timeout=30
+        )
+        redis = Redis(connection_pool=pool)
         try:
             yield redis, process.pid
         finally:
@@ -225,6 +230,7 @@ class Tokenrelay:
     coalesce_ms: float = 0.0
     name: str = "tokenrelay"
     workers: int = 1
+    pinned: bool = True
 
     def start(self, streams: int) -> contextlib.AbstractAsyncContextManager[Running]:
         argv = [sys.executable, "-m", "tokenrelay", "gateway"]
@@ -235,7 +241,7 @@ class Tokenrelay:
             "the tokenrelay gateway",
             "/chat/stream/",
             streams=streams,
-            pin=SERVER_CORE if self.workers == 1 else None,
+            pin=SERVER_CORE if self.pinned else None,
             coalesce_ms=self.coalesce_ms,
         )
 

@@ -151,6 +151,7 @@ async def _measured(
         if running.redis is not None:
             await running.redis.config_resetstat()
         cpu0 = procstat.cpu_ns(server)
+        per_process0 = {pid: procstat.cpu_ns([pid]) for pid in server}
         redis0 = procstat.cpu_ns([running.redis_pid]) if running.redis_pid else 0
         wall0 = time.monotonic()
         writes0 = running.publisher.writes
@@ -160,6 +161,7 @@ async def _measured(
         out, _ = await loadgen.communicate()
         wall = time.monotonic() - wall0
         cpu = procstat.cpu_ns(server) - cpu0
+        per_process = [procstat.cpu_ns([pid]) - ns for pid, ns in per_process0.items()]
         redis_cpu = (procstat.cpu_ns([running.redis_pid]) - redis0) if running.redis_pid else 0
         rss = procstat.rss_bytes(server)
         writes = running.publisher.writes - writes0
@@ -170,7 +172,11 @@ async def _measured(
             await loadgen.wait()
         os.unlink(paths_file)
     result = orjson.loads(out)
-    return _figures(system, workload, result, cpu, redis_cpu, wall, drive_s, rss, commands, writes)
+    figures = _figures(
+        system, workload, result, cpu, redis_cpu, wall, drive_s, rss, commands, writes
+    )
+    figures["cpu_s_by_process"] = [ns / 1e9 for ns in per_process]
+    return figures
 
 
 async def _gateway_commands(running: Running, writes: int) -> int | None:
@@ -238,12 +244,15 @@ async def _idle_memory(system: System, workload: Workload, running: Running) -> 
     await asyncio.sleep(1.0)  # let the server settle after start
     server = procstat.family(running.server_pid)
     before = procstat.rss_bytes(server)
-    loadgen, paths_file = await _start_loadgen(workload, running, duration=8, expect=0)
+    loadgen, paths_file = await _start_loadgen(workload, running, duration=60, expect=0)
     try:
         await asyncio.sleep(2.0)
         after = procstat.rss_bytes(procstat.family(running.server_pid))
+        if loadgen.returncode is not None:
+            raise RuntimeError("the idle connections ended before they were measured")
     finally:
-        loadgen.kill()
+        if loadgen.returncode is None:
+            loadgen.kill()
         await loadgen.wait()
         os.unlink(paths_file)
     return {
