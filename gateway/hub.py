@@ -163,8 +163,8 @@ class Subscriber:
         finally:
             self._waiter = None
 
-    def _push(self, event: Event, now: float) -> None:
-        """Called by the tail for every live event."""
+    def _push(self, event: Event, now: float, terminal: bool) -> None:
+        """Called by the tail for every live event (``terminal``: whether it is the last)."""
         if event.id <= self._last_id:
             return  # already read from the stream while catching up
         sink = self.sink
@@ -174,7 +174,7 @@ class Subscriber:
                 self._last_id = event.id
                 self._next_n = event.n + 1
                 self.last_active = now
-                if event.kind.terminal:
+                if terminal:
                     self._finished = True
                     self._detach()
                     self._wake()
@@ -424,8 +424,9 @@ class _Tail:
             recent.append(event)
         else:
             self.floor = event.id
+        terminal = event.kind.terminal  # asked once here, not once per subscriber
         for subscriber in list(self.subscribers):
-            subscriber._push(event, now)
+            subscriber._push(event, now, terminal)
 
     def _end_gone(self) -> None:
         for subscriber in list(self.subscribers):
