@@ -81,6 +81,36 @@ async def test_a_killed_gateway_is_survived_through_the_load_balancer() -> None:
 
 
 @pytest.mark.timeout(90)
+async def test_a_gateway_stopped_with_sigterm_hands_its_clients_over() -> None:
+    grace_s = 5
+    async with (
+        _stack(gateways=2, workers=1, TOKENRELAY_SHUTDOWN_GRACE_S=str(grace_s)) as stack,
+        TokenrelayClient(stack.url, initial_backoff_s=0.05) as client,
+    ):
+        by_pid = {process.pid: (name, process) for name, process in stack.gateways.items()}
+        stream = await client.ask("stop the gateway", max_tokens=120)
+        parts: list[str] = []
+        served_by: list[str] = []
+        stopping: asyncio.subprocess.Process | None = None
+        async for piece in stream:
+            assert isinstance(piece, Chunk)
+            parts.append(piece.text)
+            if len(parts) == 20:
+                name, stopping = by_pid[_pid(stream.served_by)]
+                served_by.append(name)
+                stopping.send_signal(signal.SIGTERM)
+        served_by.append(by_pid[_pid(stream.served_by)][0])
+        assert stopping is not None
+        # It told its client to go elsewhere at once, so it has no stream to wait for.
+        await asyncio.wait_for(stopping.wait(), timeout=grace_s)
+    assert "".join(parts) == mock_text("stop the gateway", 120)
+    assert stream.reconnects >= 1
+    assert served_by[0] != served_by[1]
+    # uvicorn re-raises the signal once it has shut down cleanly, so the status says SIGTERM.
+    assert stopping.returncode == -signal.SIGTERM
+
+
+@pytest.mark.timeout(90)
 async def test_a_killed_worker_is_taken_over_by_another() -> None:
     async with (
         _stack(gateways=1, workers=2) as stack,

@@ -19,7 +19,7 @@ from shared.messages import Job, submit
 from shared.settings import Settings
 from shared.streams import read_after, read_newest
 from tests.support import parse_sse, read_stream, run_worker, start_stack
-from worker.backends.mock import mock_text
+from worker.backends.mock import CRASH_STATUS, mock_text
 
 
 async def _until(predicate_coro: object, timeout_s: float = 10) -> None:
@@ -113,6 +113,42 @@ async def test_a_job_that_keeps_losing_its_workers_goes_to_the_dead_letters(
     assert last is not None
     assert orjson.loads(last.data)["type"] == "job_failed"
     assert (await redis.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP))["pending"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_job_that_crashes_every_worker_process_goes_to_the_dead_letters(
+    settings: Settings, redis: Redis
+) -> None:
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.effective_redis_url,
+        "TOKENRELAY_JOB_LEASE_S": "1",
+        "TOKENRELAY_JOB_MAX_ATTEMPTS": "2",
+        "TOKENRELAY_COALESCE_MS": "0",
+        "TOKENRELAY_LOG_LEVEL": "warning",
+    }
+    message_id = "C" * 22
+    await submit(redis, Job(message_id, "poison [[crash_after=3]]", 20), ttl_ms=60_000, model="m")
+    # A supervisor restarts each worker the job takes down; the next takes it over.
+    for _ in range(2):
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tokenrelay", "worker", env=env
+        )
+        assert await asyncio.wait_for(worker.wait(), 20) == CRASH_STATUS
+    survivor = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenrelay", "worker", env=env
+    )
+    try:
+        await _until(lambda: _status_is(redis, message_id, b"error"))  # its third delivery
+    finally:
+        survivor.terminate()
+        await survivor.wait()
+    assert survivor.returncode == 0
+    dead = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(keys.JOBS_DEAD_STREAM))
+    assert [fields[b"deliveries"] for _, fields in dead] == [b"3"]
+    events = await read_after(redis, keys.message_stream(message_id), ZERO_ID, count=100)
+    assert orjson.loads(events[-1].data)["type"] == "job_failed"
+    assert [e.kind for e in events].count(Kind.RESET) == 1  # the second attempt said so
 
 
 async def test_a_worker_taking_over_its_own_job_fences_its_earlier_attempt(

@@ -9,21 +9,27 @@ After the last token it reports ``finish_reason: "length"`` (the answer is exact
 ``max_tokens`` long) and usage: prompt tokens counted as whitespace-separated words.
 
 Failing on purpose: a prompt containing ``[[fail_after=N]]`` makes the backend raise
-:class:`~shared.errors.ModelError` after ``N`` tokens.
+:class:`~shared.errors.ModelError` after ``N`` tokens. ``[[crash_after=N]]`` ends the whole
+process after ``N`` tokens, with no cleanup (exit status 70), as a model that takes its worker
+down would: a poison job, which must end in the dead letters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import re
+import sys
 from collections.abc import AsyncIterator
 
 from shared.errors import ModelError
 from worker.backends.base import Choice, GenerationRequest, Piece, Usage
 
 _FAIL_AFTER = re.compile(r"\[\[fail_after=(\d{1,9})\]\]")
+_CRASH_AFTER = re.compile(r"\[\[crash_after=(\d{1,9})\]\]")
+CRASH_STATUS = 70
 
 _WORDS = (
     "the",
@@ -97,10 +103,19 @@ class MockBackend:
         """Generate the answer to ``request``; see the module docstring for failing on purpose."""
         fail = _FAIL_AFTER.search(request.prompt)
         fail_after = int(fail.group(1)) if fail else None
+        crash = _CRASH_AFTER.search(request.prompt)
+        crash_after = int(crash.group(1)) if crash else None
         tokens = mock_tokens(request.prompt, request.max_tokens)
         for index, token in enumerate(tokens):
             if index == fail_after:
                 raise ModelError(f"mock model failed after {index} tokens, as the prompt asked")
+            if index == crash_after:
+                print(
+                    f"mock model: crashing after {index} tokens, as the prompt asked",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(CRASH_STATUS)
             if index and self._token_delay_s:
                 await asyncio.sleep(self._token_delay_s)
             yield token
