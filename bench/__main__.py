@@ -98,6 +98,9 @@ def main() -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a reduced plan, under 2 minutes")
     mode.add_argument("--smoke", action="store_true", help="seconds: the harness works")
+    mode.add_argument(
+        "--replot", action="store_true", help="redraw the charts from the results.json in --out"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     parser.add_argument("--systems", default=None, help="comma-separated subset of systems")
     parser.add_argument("--out", type=Path, default=_OUT, help="where JSON and charts go")
@@ -106,6 +109,11 @@ def main() -> int:
         os.sched_setaffinity(0, {systems.LOAD_CORE})  # the publisher shares the load's core
     if args.smoke:
         return asyncio.run(smoke())
+    if args.replot:
+        rows = orjson.loads((args.out / "results.json").read_bytes())["summary"]
+        for path in report.charts(rows, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.systems.split(",")) if args.systems else None
     started = datetime.datetime.now(datetime.UTC)

@@ -234,7 +234,7 @@ def charts(rows: list[Run], directory: Path) -> list[Path]:
         ax.set_xscale("log")
         if log:
             ax.set_yscale("log")
-        ax.set_xlabel("subscribers of one stream (workload A, 100 tokens/s)")
+        ax.set_xlabel("subscribers of one stream (workload A: 100 tokens/s; 5,000+ at 20)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()

@@ -125,7 +125,7 @@ async def _redis_server(workdir: str) -> AsyncIterator[tuple[Redis, int]]:
         try:
             yield redis, process.pid
         finally:
-            await redis.aclose()
+            await redis.aclose(close_connection_pool=True)  # a pool passed in is not closed
     finally:
         await _stop(process)
 
