@@ -46,7 +46,8 @@ class Renderer:
 
     def __init__(self, message_id: str) -> None:
         self.message_id = message_id
-        self._id_json = orjson.dumps(message_id)
+        # A copy: orjson's own result keeps a 1 KB buffer, and this is kept per client.
+        self._id_json = bytes(memoryview(orjson.dumps(message_id)))
 
     def __call__(self, items: list[Item]) -> bytes:
         return b"".join([self.frame(item) for item in items])
