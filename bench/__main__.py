@@ -55,10 +55,14 @@ def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
     ]
 
 
-async def bench(rounds: int, quick: bool, only: set[str] | None) -> list[dict[str, Any]]:
+async def bench(
+    rounds: int, quick: bool, only: set[str] | None, kinds: str | None = None
+) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
         for workload, names in plan(quick):
+            if kinds is not None and workload.kind not in kinds:
+                continue
             names = [n for n in names if only is None or n in only]
             shift = round_ % len(names) if names else 0
             for name in names[shift:] + names[:shift]:
@@ -103,6 +107,11 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3; quick 1)")
     parser.add_argument("--systems", default=None, help="comma-separated subset of systems")
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="only these workload kinds (letters, e.g. A or AC); results go to results-<kinds>",
+    )
     parser.add_argument("--out", type=Path, default=_OUT, help="where JSON and charts go")
     args = parser.parse_args()
     if systems.LOAD_CORE is not None:
@@ -117,12 +126,14 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.systems.split(",")) if args.systems else None
     started = datetime.datetime.now(datetime.UTC)
-    runs = asyncio.run(bench(rounds, args.quick, only))
+    runs = asyncio.run(bench(rounds, args.quick, only, args.kinds))
     rows = report.summarise(runs)
     table = report.markdown(rows) + report.failures(runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "quick" if args.quick else "results"
+    if args.kinds:
+        name += f"-{args.kinds}"
     document = {
         "started": started.isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
@@ -136,7 +147,7 @@ def main() -> int:
     }
     (args.out / f"{name}.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     (args.out / f"{name}.md").write_text(table)
-    if not args.quick:
+    if not args.quick and not args.kinds:
         for path in report.charts(rows, args.out):
             print(f"wrote {path}", file=sys.stderr)
     return 0
