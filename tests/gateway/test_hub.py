@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
+import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -15,6 +18,7 @@ from shared import keys
 from shared.events import Event, Kind
 from shared.settings import Settings
 from tests.support import (
+    SseEvent,
     Stack,
     eventually,
     parse_sse,
@@ -279,17 +283,9 @@ async def test_reconnects_near_the_live_end_are_answered_from_memory(
 ) -> None:
     paced = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0)
     async with start_stack(paced) as stack, stack.client() as client:
-        async with client.stream(
-            "POST", "/chat/stream", json={"prompt": "warm", "max_tokens": 60}
-        ) as response:  # this follower keeps the message's tail warm
-            message_id = response.headers["x-message-id"]
-            url = f"/chat/stream/{message_id}"
-            raw = b""
-            async for piece in response.aiter_bytes():
-                raw += piece
-                if raw.count(b"data:") >= 10:
-                    break
-            ids = [e.id or "" for e in parse_sse(raw).events]
+        # This follower keeps the message's tail warm.
+        async with _following(client, "warm", 60) as (url, seen):
+            ids = [e.id or "" for e in seen]
             # The first resume reads the message's meta from Redis and leaves it with the tail.
             await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[3]})
             await redis.config_resetstat()
@@ -306,18 +302,29 @@ async def test_a_cursor_older_than_the_memory_is_read_from_redis(
 ) -> None:
     small = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0, live_replay=3)
     async with start_stack(small) as stack, stack.client() as client:
-        async with client.stream(
-            "POST", "/chat/stream", json={"prompt": "cold", "max_tokens": 40}
-        ) as response:
-            url = f"/chat/stream/{response.headers['x-message-id']}"
-            raw = b""
-            async for piece in response.aiter_bytes():
-                raw += piece
-                if raw.count(b"data:") >= 10:
-                    break
-            first_id = parse_sse(raw).events[0].id or ""
+        async with _following(client, "cold", 40) as (url, seen):
+            first_id = seen[0].id or ""
             await redis.config_resetstat()
             _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": first_id})
             assert await _redis_reads(redis) > 0
         _, whole = await read_stream(client, "GET", url)
     assert parse_sse(resumed).events == parse_sse(whole).events[1:]
+
+
+@contextlib.asynccontextmanager
+async def _following(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int
+) -> AsyncIterator[tuple[str, list[SseEvent]]]:
+    """POST a streamed answer and read its first 10 events; the stream stays open inside.
+
+    Yields the message's GET path and those events.
+    """
+    async with client.stream(
+        "POST", "/chat/stream", json={"prompt": prompt, "max_tokens": max_tokens}
+    ) as response:
+        raw = b""
+        async for piece in response.aiter_bytes():
+            raw += piece
+            if raw.count(b"data:") >= 10:
+                break
+        yield f"/chat/stream/{response.headers['x-message-id']}", parse_sse(raw).events
