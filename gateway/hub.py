@@ -472,7 +472,7 @@ class Hub:
         *,
         backlog: int,
         heartbeat_s: float,
-        replay: int = 512,
+        replay: int,
         linger_s: float = 5.0,
         presence_interval_s: float = 10.0,
     ) -> None:
@@ -480,7 +480,7 @@ class Hub:
         self.live = live
         self.backlog = backlog
         self.heartbeat_s = heartbeat_s
-        self.replay = replay
+        self.replay = replay  # latest events each tail keeps in memory (TOKENRELAY_LIVE_REPLAY)
         # A tail nobody watches is kept this long, so clients that reconnect find it warm.
         self.linger_s = linger_s
         self.presence_interval_s = presence_interval_s
