@@ -241,7 +241,7 @@ class Subscriber:
     def _catch_up_in_memory(self) -> bool:
         """Catch up from the tail's latest events and attach, if they cover this subscriber's
         position; no Redis read and no await, so nothing can arrive in between."""
-        tail = self._hub._tails.get(self.message_id)
+        tail = self._hub.warm_tail(self.message_id)
         if tail is None or not tail.covers(self._last_id):
             return False
         for event in tail.events_after(self._last_id):
@@ -303,9 +303,14 @@ class _Tail:
         exc = self.task.exception()
         raise exc if exc is not None else MessageGone(f"tail of {self.message_id} stopped")
 
+    @property
+    def sound(self) -> bool:
+        """Started and not broken: what it delivered (and holds in memory) can be trusted."""
+        return self.ready and not self.broken
+
     def covers(self, position: EntryId) -> bool:
         """Whether every event after ``position`` that this tail has delivered is in memory."""
-        return self.ready and not self.broken and self.floor <= position <= self.last_id
+        return self.floor <= position <= self.last_id
 
     def events_after(self, position: EntryId) -> list[Event]:
         """The events in memory after ``position``, oldest first."""
@@ -551,7 +556,7 @@ class Hub:
     def warm_tail(self, message_id: str) -> _Tail | None:
         """The message's tail if it is live and sound (its memory can answer for Redis)."""
         tail = self._tails.get(message_id)
-        return tail if tail is not None and tail.ready and not tail.broken else None
+        return tail if tail is not None and tail.sound else None
 
     def _tail(self, message_id: str) -> _Tail:
         tail = self._tails.get(message_id)
