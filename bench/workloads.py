@@ -136,7 +136,6 @@ async def _start_loadgen(
 async def _measured(
     system: System, workload: Workload, running: Running, plant: str | None
 ) -> dict[str, Any]:
-    server = procstat.family(running.server_pid)
     duration = workload.seconds + max(workload.storm_at, 0) + 20
     if workload.slow_fraction:
         duration = workload.seconds + 5  # slow readers never finish: stop after the others
@@ -150,7 +149,6 @@ async def _measured(
         server = procstat.family(running.server_pid)  # uvicorn/nginx workers are up by now
         if running.redis is not None:
             await running.redis.config_resetstat()
-        cpu0 = procstat.cpu_ns(server)
         per_process0 = {pid: procstat.cpu_ns([pid]) for pid in server}
         redis0 = procstat.cpu_ns([running.redis_pid]) if running.redis_pid else 0
         wall0 = time.monotonic()
@@ -160,8 +158,8 @@ async def _measured(
         )
         out, _ = await loadgen.communicate()
         wall = time.monotonic() - wall0
-        cpu = procstat.cpu_ns(server) - cpu0
         per_process = [procstat.cpu_ns([pid]) - ns for pid, ns in per_process0.items()]
+        cpu = sum(per_process)
         redis_cpu = (procstat.cpu_ns([running.redis_pid]) - redis0) if running.redis_pid else 0
         rss = procstat.rss_bytes(server)
         writes = running.publisher.writes - writes0
