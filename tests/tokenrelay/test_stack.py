@@ -63,21 +63,7 @@ async def test_a_killed_gateway_is_survived_through_the_load_balancer() -> None:
         _stack(gateways=2, workers=1) as stack,
         TokenrelayClient(stack.url, initial_backoff_s=0.05) as client,
     ):
-        pids = {process.pid: name for name, process in stack.gateways.items()}
-        stream = await client.ask("kill the gateway", max_tokens=120)
-        parts: list[str] = []
-        served_by: list[str] = []
-        async for piece in stream:
-            assert isinstance(piece, Chunk)
-            parts.append(piece.text)
-            if len(parts) == 20:
-                victim = _pid(stream.served_by)
-                served_by.append(pids[victim])
-                os.kill(victim, signal.SIGKILL)
-        served_by.append(pids[_pid(stream.served_by)])
-    assert "".join(parts) == mock_text("kill the gateway", 120)
-    assert stream.reconnects >= 1
-    assert served_by[0] != served_by[1]  # the answer was finished by the other gateway
+        await _signal_the_serving_gateway(stack, client, "kill the gateway", signal.SIGKILL)
 
 
 @pytest.mark.timeout(90)
@@ -87,27 +73,38 @@ async def test_a_gateway_stopped_with_sigterm_hands_its_clients_over() -> None:
         _stack(gateways=2, workers=1, TOKENRELAY_SHUTDOWN_GRACE_S=str(grace_s)) as stack,
         TokenrelayClient(stack.url, initial_backoff_s=0.05) as client,
     ):
-        by_pid = {process.pid: (name, process) for name, process in stack.gateways.items()}
-        stream = await client.ask("stop the gateway", max_tokens=120)
-        parts: list[str] = []
-        served_by: list[str] = []
-        stopping: asyncio.subprocess.Process | None = None
-        async for piece in stream:
-            assert isinstance(piece, Chunk)
-            parts.append(piece.text)
-            if len(parts) == 20:
-                name, stopping = by_pid[_pid(stream.served_by)]
-                served_by.append(name)
-                stopping.send_signal(signal.SIGTERM)
-        served_by.append(by_pid[_pid(stream.served_by)][0])
-        assert stopping is not None
+        stopping = await _signal_the_serving_gateway(
+            stack, client, "stop the gateway", signal.SIGTERM
+        )
         # It told its client to go elsewhere at once, so it has no stream to wait for.
         await asyncio.wait_for(stopping.wait(), timeout=grace_s)
-    assert "".join(parts) == mock_text("stop the gateway", 120)
-    assert stream.reconnects >= 1
-    assert served_by[0] != served_by[1]
     # uvicorn re-raises the signal once it has shut down cleanly, so the status says SIGTERM.
     assert stopping.returncode == -signal.SIGTERM
+
+
+async def _signal_the_serving_gateway(
+    stack: LocalStack, client: TokenrelayClient, prompt: str, signum: int
+) -> asyncio.subprocess.Process:
+    """Ask for an answer; 20 chunks in, send ``signum`` to the gateway serving it. Check that
+    the client finished the whole answer on the other gateway; return the signalled one."""
+    by_pid = {process.pid: (name, process) for name, process in stack.gateways.items()}
+    stream = await client.ask(prompt, max_tokens=120)
+    parts: list[str] = []
+    served_by: list[str] = []
+    signalled: asyncio.subprocess.Process | None = None
+    async for piece in stream:
+        assert isinstance(piece, Chunk)
+        parts.append(piece.text)
+        if len(parts) == 20:
+            name, signalled = by_pid[_pid(stream.served_by)]
+            served_by.append(name)
+            signalled.send_signal(signum)
+    served_by.append(by_pid[_pid(stream.served_by)][0])
+    assert "".join(parts) == mock_text(prompt, 120)
+    assert stream.reconnects >= 1
+    assert served_by[0] != served_by[1]  # the answer was finished by the other gateway
+    assert signalled is not None
+    return signalled
 
 
 @pytest.mark.timeout(90)
