@@ -63,17 +63,12 @@ class Renderer:
             frame = frames[self.key] = self.render(item)
         return frame
 
-    def chunked(self, event: Event) -> bytes:
-        """The event's frame as one HTTP/1.1 chunk (``b""`` when it has no frame), cached like
-        the frame: what the tail writes to every live subscriber's socket."""
-        chunks = event.chunks
-        if chunks is None:
-            chunks = event.chunks = {}
-        framed = chunks.get(self.key)
-        if framed is None:
-            frame = self.frame(event)
-            framed = chunks[self.key] = chunk(frame) if frame else b""
-        return framed
+    def chunked(self, events: list[Event]) -> bytes:
+        """The events' frames as one HTTP/1.1 chunk (``b""`` when none has a frame): what the
+        tail writes to every live subscriber's socket."""
+        frame = self.frame
+        body = frame(events[0]) if len(events) == 1 else b"".join([frame(e) for e in events])
+        return chunk(body) if body else b""
 
     def render(self, event: Event) -> bytes:
         raise NotImplementedError

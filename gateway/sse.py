@@ -11,9 +11,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.direct import DirectWriter, chunk, writer_for
-from gateway.hub import Draining, MessageGone, Subscriber
+from gateway.hub import Draining, LiveBatch, MessageGone, Subscriber
 from gateway.render import Renderer
-from shared.events import Event
 
 _log = logging.getLogger(__name__)
 
@@ -109,8 +108,8 @@ class EventStreamResponse(Response):
 class _DirectSink:
     """A live subscriber's events, written to its socket in the tail's loop.
 
-    This runs once per event per subscriber: it reads uvicorn's flow control and the transport
-    directly, and takes the chunk from the event's cache when another subscriber made it.
+    This runs once per batch per subscriber: it reads uvicorn's flow control and the transport
+    directly, and takes the batch's bytes from its cache when another subscriber made them.
     """
 
     __slots__ = ("_flow", "_key", "_render", "_transport")
@@ -121,14 +120,13 @@ class _DirectSink:
         self._render = render
         self._key = render.key
 
-    def offer(self, event: Event) -> bool:
+    def offer(self, batch: LiveBatch) -> bool:
         transport = self._transport
         if self._flow.write_paused or transport.is_closing():
             return False
-        chunks = event.chunks
-        framed = None if chunks is None else chunks.get(self._key)
+        framed = batch.chunks.get(self._key)
         if framed is None:
-            framed = self._render.chunked(event)
+            framed = batch.chunks[self._key] = self._render.chunked(batch.events)
         if framed:
             transport.write(framed)
         return True

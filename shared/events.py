@@ -88,8 +88,6 @@ class Event:
     data: bytes
     #: Rendered SSE frames by format, filled by the gateway so each event is encoded once.
     frames: dict[str, bytes] | None = None
-    #: The same frames as HTTP/1.1 chunks, as the gateway writes them to live clients.
-    chunks: dict[str, bytes] | None = None
 
     @classmethod
     def from_entry(cls, raw_id: bytes, fields: dict[bytes, bytes]) -> Event:

@@ -13,9 +13,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.app import LIVE_CONNECTION_NAME
-from gateway.hub import Gap, Item, Subscriber
+from gateway.hub import Gap, Item, LiveBatch, Subscriber
 from shared import keys
-from shared.events import Event, Kind
+from shared.events import EntryId, Event, Kind
 from shared.settings import Settings
 from tests.support import (
     SseEvent,
@@ -328,3 +328,44 @@ async def _following(
             if raw.count(b"data:") >= 10:
                 break
         yield f"/chat/stream/{response.headers['x-message-id']}", parse_sse(raw).events
+
+
+class _RecordingSink:
+    """A live client that keeps up and records each batch it is offered."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def offer(self, batch: LiveBatch) -> bool:
+        self.batches.append([e.raw_id.decode() for e in batch.events])
+        return True
+
+
+@pytest.mark.usefixtures("redis")
+async def test_announcements_read_together_reach_a_live_client_in_one_batch(
+    settings: Settings, redis: Redis
+) -> None:
+    async with start_stack(settings, worker=False) as stack:
+        message_id = await _submit(stack, "together", 5)
+        subscriber = stack.hub.subscribe(message_id)
+        sink = subscriber.sink = _RecordingSink()
+        task = asyncio.create_task(_drain(subscriber))
+        await eventually(lambda: not subscriber._catching_up)
+        # Four events in the stream, announced as the subscribed connection's reader hands on
+        # the replies of one socket read: one after another, without yielding in between.
+        stream = keys.message_stream(message_id)
+        ids = [
+            str(
+                EntryId.parse(await redis.xadd(stream, {"n": str(n), "k": "chunk", "d": f'"t{n}"'}))
+            )
+            for n in range(4)
+        ]
+        channel = keys.message_channel(message_id).encode()
+        for n, entry_id in enumerate(ids):
+            stack.hub.on_message(channel, f'{entry_id} {n} chunk "t{n}"'.encode())
+        assert sink.batches == []  # handed on once the read's announcements are all in
+        await eventually(lambda: bool(sink.batches))
+        assert sink.batches == [ids]
+        assert str(subscriber._last_id) == ids[-1]
+        subscriber.close()
+        assert await task == []
