@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import openai_api
+from gateway import gc_policy, openai_api
 from gateway.direct import Gateway
 from gateway.errors import (
     ApiError,
@@ -159,4 +159,6 @@ def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:
 def app_from_env() -> Starlette:
     """uvicorn factory for multi-process gateways: each process reads the environment once."""
     settings = Settings.from_env(os.environ)
-    return create_app(settings, lambda: RedisConnector(settings))
+    app = create_app(settings, lambda: RedisConnector(settings))
+    gc_policy.settle()
+    return app

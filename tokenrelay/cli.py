@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from gateway import gc_policy
 from gateway.app import create_app
 from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
@@ -177,6 +178,7 @@ def _run_gateway(settings: Settings, args: argparse.Namespace) -> int:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         app = create_app(settings, lambda: RedisConnector(settings), demo=args.demo)
+        gc_policy.settle()
         uvicorn.run(app, **common)
     return 0
 
