@@ -106,13 +106,23 @@ class Subscriber:
         "_pending",
         "_tail",
         "_waiter",
+        "info",
         "last_active",
         "message_id",
         "sink",
     )
 
-    def __init__(self, hub: Hub, message_id: str, after: EntryId, next_n: int | None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        message_id: str,
+        after: EntryId,
+        next_n: int | None,
+        info: MessageInfo | None,
+    ) -> None:
         self.message_id = message_id
+        #: The message's meta as the join read it; left with the tail for later joins.
+        self.info = info
         self._hub = hub
         self._last_id = after
         self._next_n = next_n
@@ -242,7 +252,7 @@ class Subscriber:
                 return
         if len(events) == _READ_BATCH or self._closed or self._gone:
             return
-        tail = hub._tail(self.message_id)
+        tail = hub._tail(self.message_id, self.info)
         if not tail.ready:
             # Wait for the tail to start, but stay responsive to heartbeats and close().
             assert tail.task is not None
@@ -269,6 +279,8 @@ class Subscriber:
         tail = self._hub.warm_tail(self.message_id)
         if tail is None or not tail.covers(self._last_id):
             return False
+        if tail.info is None:
+            tail.info = self.info
         for event in tail.events_after(self._last_id):
             self._enqueue(event)
             if self._finished:
@@ -573,15 +585,17 @@ class Hub:
         after: EntryId = ZERO_ID,
         next_n: int | None = 0,
         watch_ms: int | None = None,
+        info: MessageInfo | None = None,
     ) -> Subscriber:
         """A subscriber to ``message_id`` receiving every event after ``after``.
 
         ``next_n`` is the sequence number of the first event expected; None when events are
         known to be missing (a :class:`Gap` is reported before the first one). ``watch_ms``
         (cancel-on-disconnect messages) makes this gateway renew the message's presence key
-        while the subscriber lives.
+        while the subscriber lives. ``info`` (the message's meta, when the join read it) lets
+        later joins near the live end be answered from memory.
         """
-        subscriber = Subscriber(self, message_id, after, next_n)
+        subscriber = Subscriber(self, message_id, after, next_n, info)
         self._subscribers.add(subscriber)
         self._watchers[message_id] = self._watchers.get(message_id, 0) + 1
         self._unwatched_since.pop(message_id, None)
@@ -632,12 +646,14 @@ class Hub:
         tail = self._tails.get(message_id)
         return tail if tail is not None and tail.sound else None
 
-    def _tail(self, message_id: str) -> _Tail:
+    def _tail(self, message_id: str, info: MessageInfo | None) -> _Tail:
         tail = self._tails.get(message_id)
         if tail is None or tail.failed or tail.broken:
             if tail is not None:
                 tail._reap()  # its start failed (the waiting subscriber got the error): anew
             tail = self._tails[message_id] = _Tail(self, message_id)
+        if tail.info is None:
+            tail.info = info
         return tail
 
     def _forget(self, subscriber: Subscriber) -> None:

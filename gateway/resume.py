@@ -54,10 +54,8 @@ async def locate(
         event = tail.find(cursor)
         if event is not None:
             return None if event.kind.terminal else StartPoint(cursor, event.n + 1, tail.info)
-    start = await _locate(redis, message_id, cursor, not_found)
-    if start is not None and hub is not None and (tail := hub.warm_tail(message_id)):
-        tail.info = start.info
-    return start
+    # The subscriber this start point is for leaves the info with the tail.
+    return await _locate(redis, message_id, cursor, not_found)
 
 
 async def _locate(

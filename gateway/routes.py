@@ -131,7 +131,11 @@ def stream_from(
     """An event stream of ``message_id`` from ``start`` (with a ``retry:`` hint first, or not)."""
     state = GatewayState.of(request)
     subscriber = state.hub.subscribe(
-        message_id, after=start.after, next_n=start.next_n, watch_ms=start.info.watch_ms
+        message_id,
+        after=start.after,
+        next_n=start.next_n,
+        watch_ms=start.info.watch_ms,
+        info=start.info,
     )
     retry_ms = state.settings.retry_ms if retry_hint else None
     return EventStreamResponse(

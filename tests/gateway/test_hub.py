@@ -16,6 +16,7 @@ from gateway.app import LIVE_CONNECTION_NAME
 from gateway.hub import Gap, Item, LiveBatch, Subscriber
 from shared import keys
 from shared.events import EntryId, Event, Kind
+from shared.messages import Job, new_message_id, submit
 from shared.settings import Settings
 from tests.support import (
     SseEvent,
@@ -293,6 +294,31 @@ async def test_reconnects_near_the_live_end_are_answered_from_memory(
             _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[5]})
             assert await _redis_reads(redis) == 0  # neither locating nor catching up read Redis
             assert stack.hub.reads == reads
+        _, whole = await read_stream(client, "GET", url)
+    assert parse_sse(resumed).events == parse_sse(whole).events[6:]
+
+
+async def test_a_join_that_starts_the_tail_leaves_it_what_later_joins_need(
+    settings: Settings, redis: Redis
+) -> None:
+    paced = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0)
+    message_id = new_message_id()
+    async with start_stack(paced) as stack, stack.client() as client:
+        # Submitted behind the gateway's back: the first GET is the first this gateway hears of
+        # the message, and its subscriber starts the tail.
+        job = Job(message_id=message_id, prompt="cold", max_tokens=60, model="mock")
+        await submit(redis, job, ttl_ms=60_000, model="mock")
+        url = f"/chat/stream/{message_id}"
+        async with client.stream("GET", url) as response:
+            raw = b""
+            async for piece in response.aiter_bytes():
+                raw += piece
+                if raw.count(b"data:") >= 10:
+                    break
+            ids = [e.id or "" for e in parse_sse(raw).events]
+            await redis.config_resetstat()
+            _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[5]})
+            assert await _redis_reads(redis) == 0
         _, whole = await read_stream(client, "GET", url)
     assert parse_sse(resumed).events == parse_sse(whole).events[6:]
 
