@@ -29,7 +29,7 @@ from gateway.errors import (
     handle_redis_error,
 )
 from gateway.hub import Hub
-from gateway.routes import ROUTES, demo_page, handle_retry_later
+from gateway.routes import ROUTES, STREAM_ROUTES, demo_page, handle_retry_later
 from gateway.state import GatewayState
 from shared.live import LiveChannels
 from shared.redis_client import RedisConnector
@@ -93,6 +93,7 @@ def create_app(
         )
     return Gateway(
         routes=routes,
+        stream_routes=[*STREAM_ROUTES, *openai_api.STREAM_ROUTES],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={

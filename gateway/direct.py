@@ -16,10 +16,14 @@ catches up from Redis when the client has drained it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.stream_routes import StreamRoutes
 
 EXTENSION = "tokenrelay.direct"
 _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
@@ -71,15 +75,32 @@ def chunk(body: bytes) -> bytes:
 
 class Gateway(Starlette):
     """The gateway application: a Starlette app that offers event streams a :class:`DirectWriter`
-    when the server makes one possible."""
+    when the server makes one possible, and serves them past its middleware stack (see
+    gateway.stream_routes)."""
+
+    def __init__(self, *, stream_routes: Sequence[Route] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        middleware = self.user_middleware
+
+        def wrap(app: ASGIApp) -> ASGIApp:
+            for cls, args, options in reversed(middleware):
+                app = cls(app, *args, **options)
+            return app
+
+        self._streams = StreamRoutes(stream_routes, self.exception_handlers, wrap)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("http_version") == "1.1":
-            # uvicorn hands the app its RequestResponseCycle's bound send; Starlette wraps it
-            # further in, so this is the one place it can be seen.
-            cycle = getattr(send, "__self__", None)
-            if cycle is not None and type(cycle).__module__ == _HTTPTOOLS_CYCLE:
-                scope["extensions"] = {**(scope.get("extensions") or {}), EXTENSION: cycle}
+        if scope["type"] == "http":
+            if scope.get("http_version") == "1.1":
+                # uvicorn hands the app its RequestResponseCycle's bound send; Starlette wraps
+                # it further in, so this is the one place it can be seen.
+                cycle = getattr(send, "__self__", None)
+                if cycle is not None and type(cycle).__module__ == _HTTPTOOLS_CYCLE:
+                    scope["extensions"] = {**(scope.get("extensions") or {}), EXTENSION: cycle}
+            if self._streams.match(scope) is not None:
+                scope["app"] = self
+                await self._streams(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

@@ -319,8 +319,11 @@ class _Assembled:
         return {"content": self.logprobs} if self.logprobs else None
 
 
+#: The long-lived GETs, served past the middleware stack (see gateway.stream_routes).
+STREAM_ROUTES = [Route("/v1/chat/completions/{message_id}/stream", get_stream, methods=["GET"])]
+
 ROUTES = [
     Route("/v1/chat/completions", post_completions, methods=["POST"]),
-    Route("/v1/chat/completions/{message_id}/stream", get_stream, methods=["GET"]),
+    *STREAM_ROUTES,
     Route("/v1/chat/completions/{message_id}/cancel", cancel_chat, methods=["POST"]),
 ]

@@ -203,9 +203,12 @@ def demo_page(html: bytes) -> Route:
     return Route("/", page, methods=["GET"])
 
 
+#: The long-lived GETs, served past the middleware stack (see gateway.stream_routes).
+STREAM_ROUTES = [Route("/chat/stream/{message_id}", get_chat, methods=["GET"])]
+
 ROUTES = [
     Route("/chat/stream", post_chat, methods=["POST"]),
-    Route("/chat/stream/{message_id}", get_chat, methods=["GET"]),
+    *STREAM_ROUTES,
     Route("/chat/stream/{message_id}/cancel", cancel_chat, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
