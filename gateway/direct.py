@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.stream_routes import StreamRoutes
 
+# The scope key under which the gateway leaves uvicorn's RequestResponseCycle for the response.
 EXTENSION = "tokenrelay.direct"
 _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
@@ -96,15 +97,15 @@ class Gateway(Starlette):
                 # it further in, so this is the one place it can be seen.
                 cycle = getattr(send, "__self__", None)
                 if cycle is not None and type(cycle).__module__ == _HTTPTOOLS_CYCLE:
-                    scope["extensions"] = {**(scope.get("extensions") or {}), EXTENSION: cycle}
+                    scope[EXTENSION] = cycle  # a key of its own: no dict per request
             if self._streams.match(scope) is not None:
                 scope["app"] = self
-                await self._streams(scope, receive, send)
+                await self._streams.app(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
 
 def writer_for(scope: Scope) -> DirectWriter | None:
     """The direct writer of this request, if the server offers one."""
-    cycle = (scope.get("extensions") or {}).get(EXTENSION)
+    cycle = scope.get(EXTENSION)
     return None if cycle is None else DirectWriter(cycle)

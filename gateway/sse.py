@@ -24,6 +24,12 @@ SSE_HEADERS = {
 }
 
 
+_RAW_HEADERS = [
+    (b"content-type", SSE_MEDIA_TYPE.encode()),
+    *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS.items()),
+]
+
+
 class EventStreamResponse(Response):
     """Streams a subscriber's items until the terminal event, a disconnect, or a failure.
 
@@ -43,10 +49,14 @@ class EventStreamResponse(Response):
         retry_ms: int | None,
         headers: Mapping[str, str],
     ) -> None:
-        # No Response.__init__: it would render a body and announce "content-length: 0".
+        # No Response.__init__: it would render a body and announce "content-length: 0"; and
+        # the constant headers are encoded once (a gateway keeps one response per client).
         self.status_code = 200
         self.background = None
-        self.init_headers({**SSE_HEADERS, **headers})
+        self.raw_headers = [
+            *_RAW_HEADERS,
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+        ]
         self._subscriber = subscriber
         self._render = render
         # OpenAI-format clients (the openai package among them) take a frame without data for

@@ -33,7 +33,9 @@ class StreamRoutes:
     ) -> None:
         self._routes = list(routes)
         self._handlers = exception_handlers
-        self._app = middleware(self._serve)
+        #: The ASGI app that serves a request :meth:`match` matched: the middleware, then the
+        #: route's endpoint.
+        self.app = middleware(self._serve)
 
     def match(self, scope: Scope) -> Route | None:
         """The route that takes this request whole (path and method), if any."""
@@ -43,10 +45,6 @@ class StreamRoutes:
                 scope.update(child)
                 return route
         return None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Serve a request that :meth:`match` matched."""
-        await self._app(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, send)
