@@ -215,17 +215,20 @@ class Subscriber:
                 return
             # The client is not keeping up: catch up from Redis once it has drained.
             self._hub.fell_behind += 1
-            self._detach()
-            self._catching_up = True
-            self._wake()
+            self._fall_back()
             return
         if len(self._pending) + len(events) > self._hub.backlog:
-            # Too slow: stop buffering in memory and re-read from Redis when the client drains.
-            self._detach()
-            self._catching_up = True
+            # Too slow, or too much at once: stop buffering in memory and read the stream.
+            self._fall_back()
             return
         for event in events:
             self._enqueue(event)
+        self._wake()
+
+    def _fall_back(self) -> None:
+        """Leave the tail and catch up from the stream (memory or Redis) at the client's pace."""
+        self._detach()
+        self._catching_up = True
         self._wake()
 
     def _enqueue(self, event: Event) -> None:
@@ -485,7 +488,13 @@ class _Tail:
         now = self.hub.now()
         for batch in _consecutive(events):
             for subscriber in list(self.subscribers):
-                subscriber._push(batch, now)
+                try:
+                    subscriber._push(batch, now)
+                except Exception:
+                    # One client's failure (an event its format cannot render, say) is its
+                    # own: the others get the batch, and it reads the stream again by itself.
+                    _log.exception("live delivery to a client of %s failed", self.message_id)
+                    subscriber._fall_back()
 
     def _end_gone(self) -> None:
         self.flush()
@@ -634,7 +643,12 @@ class Hub:
     def _flush(self) -> None:
         tails, self._flushing = self._flushing, []
         for tail in tails:
-            tail.flush()
+            try:
+                tail.flush()
+            except Exception:
+                # The other tails of this read are still to be flushed (and none is scheduled
+                # again until it is).
+                _log.exception("handing on the live events of %s failed", tail.message_id)
 
     def on_resubscribed(self) -> None:
         """LiveChannels callback: the connection was re-established; announcements may be lost."""

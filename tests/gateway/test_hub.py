@@ -377,21 +377,79 @@ async def test_announcements_read_together_reach_a_live_client_in_one_batch(
         sink = subscriber.sink = _RecordingSink()
         task = asyncio.create_task(_drain(subscriber))
         await eventually(lambda: not subscriber._catching_up)
-        # Four events in the stream, announced as the subscribed connection's reader hands on
-        # the replies of one socket read: one after another, without yielding in between.
-        stream = keys.message_stream(message_id)
-        ids = [
-            str(
-                EntryId.parse(await redis.xadd(stream, {"n": str(n), "k": "chunk", "d": f'"t{n}"'}))
-            )
-            for n in range(4)
-        ]
-        channel = keys.message_channel(message_id).encode()
-        for n, entry_id in enumerate(ids):
-            stack.hub.on_message(channel, f'{entry_id} {n} chunk "t{n}"'.encode())
+        ids = await _announce_together(stack, redis, message_id, 4)
         assert sink.batches == []  # handed on once the read's announcements are all in
         await eventually(lambda: bool(sink.batches))
         assert sink.batches == [ids]
         assert str(subscriber._last_id) == ids[-1]
         subscriber.close()
         assert await task == []
+
+
+async def _announce_together(stack: Stack, redis: Redis, message_id: str, count: int) -> list[str]:
+    """Write ``count`` chunks to the message's stream and announce them to the hub the way the
+    subscribed connection's reader hands on the replies of one socket read: one after another,
+    without yielding in between. Returns their ids."""
+    stream = keys.message_stream(message_id)
+    ids = []
+    for n in range(count):
+        raw = await redis.xadd(stream, {"n": str(n), "k": "chunk", "d": f'"t{n}"'})
+        ids.append(str(EntryId.parse(raw)))
+    channel = keys.message_channel(message_id).encode()
+    for n, entry_id in enumerate(ids):
+        stack.hub.on_message(channel, f'{entry_id} {n} chunk "t{n}"'.encode())
+    return ids
+
+
+class _BrokenSink:
+    """A live client whose writes fail."""
+
+    def offer(self, batch: LiveBatch) -> bool:
+        raise RuntimeError("this client's write failed")
+
+
+@pytest.mark.usefixtures("redis")
+async def test_a_client_whose_live_delivery_fails_does_not_hold_up_the_others(
+    settings: Settings, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with start_stack(settings, worker=False) as stack:
+        first, second = await _submit(stack, "one", 5), await _submit(stack, "two", 5)
+        broken, fine = stack.hub.subscribe(first), stack.hub.subscribe(first)
+        other = stack.hub.subscribe(second)
+        broken.sink = _BrokenSink()
+        fine_sink = fine.sink = _RecordingSink()
+        other_sink = other.sink = _RecordingSink()
+        tasks = [asyncio.create_task(_drain(s)) for s in (fine, other)]
+        broken_batch = asyncio.create_task(broken.next_batch())
+        await eventually(lambda: not any(s._catching_up for s in (broken, fine, other)))
+        # The broken client's tail is flushed first, in the same flush as the other message's.
+        first_ids = await _announce_together(stack, redis, first, 3)
+        second_ids = await _announce_together(stack, redis, second, 2)
+        await eventually(lambda: bool(fine_sink.batches and other_sink.batches))
+        assert fine_sink.batches == [first_ids]
+        assert other_sink.batches == [second_ids]
+        # The broken one left the tail and reads the events again by itself (here: memory).
+        items = await asyncio.wait_for(broken_batch, 2)
+        assert [e.raw_id.decode() for e in items if isinstance(e, Event)] == first_ids
+        assert "live delivery to a client of" in caplog.text
+        for subscriber in (broken, fine, other):
+            subscriber.close()
+        await asyncio.gather(*tasks)
+
+
+@pytest.mark.usefixtures("redis")
+async def test_more_events_at_once_than_the_backlog_are_read_from_the_stream_at_once(
+    settings: Settings, redis: Redis
+) -> None:
+    small_backlog = dataclasses.replace(settings, subscriber_backlog=4, heartbeat_s=30.0)
+    async with start_stack(small_backlog, worker=False) as stack:
+        message_id = await _submit(stack, "a burst", 10)
+        subscriber = stack.hub.subscribe(message_id)  # no sink: its events queue
+        waiting = asyncio.create_task(subscriber.next_batch())
+        await eventually(lambda: not subscriber._catching_up)
+        ids = await _announce_together(stack, redis, message_id, 6)
+        # Six events do not fit a backlog of 4: the subscriber reads them from the stream
+        # (and is woken to do it, not left asleep until a heartbeat).
+        items = await asyncio.wait_for(waiting, 2)
+        assert [e.raw_id.decode() for e in items if isinstance(e, Event)] == ids
+        subscriber.close()
