@@ -5,11 +5,13 @@ and every coroutine of the stack it came through stays alive with it. Starlette'
 router and exception wrappers were 6.5 KB of the 19.6 KB an idle following client cost
 (tracemalloc, 1,000 clients), and a good part of the CPU of each reconnect. So these routes
 are matched first and their endpoints called directly. What the stack does for them is done
-here the same way: the application's exception handlers turn ApiError, RetryLater and
-RedisError raised before the response starts into their responses (anything else reaches the
-server, which answers 500 as Starlette's ServerErrorMiddleware would), and the middleware
-(X-Served-By) wraps this path too. Every other request, and a method these routes do not
-take, goes through Starlette as before.
+here the same way: the application's exception handlers (looked up by exception class; the
+gateway registers no status-code handlers) turn ApiError, RetryLater and RedisError raised
+before the response starts into their responses, and the middleware (X-Served-By) wraps this
+path too. Anything else reaches the server, which answers 500 as Starlette's
+ServerErrorMiddleware would, and closes the connection. The scope has no ``router`` or
+``route`` key (nothing here reads them). Every other request, and a method these routes do
+not take, goes through Starlette as before.
 """
 
 from __future__ import annotations
