@@ -430,6 +430,7 @@ async def test_a_client_whose_live_delivery_fails_does_not_hold_up_the_others(
         assert other_sink.batches == [second_ids]
         # The broken one left the tail and reads the events again by itself (here: memory).
         items = await asyncio.wait_for(broken_batch, 2)
+        assert items is not None
         assert [e.raw_id.decode() for e in items if isinstance(e, Event)] == first_ids
         assert "live delivery to a client of" in caplog.text
         for subscriber in (broken, fine, other):
@@ -451,5 +452,6 @@ async def test_more_events_at_once_than_the_backlog_are_read_from_the_stream_at_
         # Six events do not fit a backlog of 4: the subscriber reads them from the stream
         # (and is woken to do it, not left asleep until a heartbeat).
         items = await asyncio.wait_for(waiting, 2)
+        assert items is not None
         assert [e.raw_id.decode() for e in items if isinstance(e, Event)] == ids
         subscriber.close()
