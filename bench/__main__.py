@@ -32,6 +32,8 @@ _STREAMING = ["tokenrelay", "tokenrelay+coalescing", "nchan", "naive", "floor"]
 _RESUMING = ["tokenrelay", "nchan", "naive", "floor"]
 # A storm with the worker's default coalescing too: fewer events for the same tokens.
 _STORMING = ["tokenrelay", "tokenrelay+coalescing", "nchan", "naive", "floor"]
+# The optional peer (Node.js and npm): in the full plan only, where A-D and M run on it too.
+_OPTIONAL = ["resumable-stream"]
 
 
 def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
@@ -43,17 +45,20 @@ def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
             (Workload("C", 1000, rate=20, tokens=100, storm_at=2.0), ["tokenrelay", "nchan"]),
             (Workload("M", 1000), _RESUMING),
         ]
+    streaming, resuming, storming = (
+        [*names, *_OPTIONAL] for names in (_STREAMING, _RESUMING, _STORMING)
+    )
     return [
-        *((Workload("A", n, tokens=500), _STREAMING) for n in (100, 1000)),
+        *((Workload("A", n, tokens=500), streaming) for n in (100, 1000)),
         # 5,000 x 100 tokens/s would be 500,000 writes/s: past one core for every system.
-        (Workload("A", 5000, rate=20, tokens=200), _STREAMING),
+        (Workload("A", 5000, rate=20, tokens=200), streaming),
         (Workload("A", 10_000, rate=20, tokens=200), ["tokenrelay", "tokenrelay+coalescing"]),
-        (Workload("B", 100, streams=100, rate=20, tokens=100, churn_every=30), _RESUMING),
-        (Workload("B", 1000, streams=1000, rate=5, tokens=40, churn_every=15), _RESUMING),
-        (Workload("B", 5000, streams=5000, rate=1, tokens=10, churn_every=4), _RESUMING),
-        *((Workload("C", n, rate=20, tokens=200, storm_at=2.0), _STORMING) for n in (1000, 5000)),
-        (Workload("D", 1000, tokens=500, slow_fraction=0.1), _RESUMING),
-        (Workload("M", 2000), _RESUMING),
+        (Workload("B", 100, streams=100, rate=20, tokens=100, churn_every=30), resuming),
+        (Workload("B", 1000, streams=1000, rate=5, tokens=40, churn_every=15), resuming),
+        (Workload("B", 5000, streams=5000, rate=1, tokens=10, churn_every=4), resuming),
+        *((Workload("C", n, rate=20, tokens=200, storm_at=2.0), storming) for n in (1000, 5000)),
+        (Workload("D", 1000, tokens=500, slow_fraction=0.1), resuming),
+        (Workload("M", 2000), resuming),
     ]
 
 

@@ -31,3 +31,30 @@ def program(name: str) -> Path:
         )
         partial.rename(binary)
     return binary
+
+
+_NODE_SOURCES = Path(__file__).parent / "node"
+
+
+def node_script(name: str) -> Path:
+    """The path of ``bench/node/<name>`` in a directory with its npm packages installed
+    (``bench/node/package.json``, installed once per version of the sources)."""
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise RuntimeError("the resumable-stream peer needs Node.js and npm")
+    sources = sorted(_NODE_SOURCES.glob("*.*"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    home = _BUILD / f"node-{digest}"
+    if not home.exists():
+        partial = _BUILD / f"node-{digest}.tmp"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for path in sources:
+            shutil.copy(path, partial / path.name)
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=partial,
+            check=True,
+        )
+        partial.rename(home)
+    return home / name

@@ -62,6 +62,10 @@ class Running:
     redis: Redis | None = None
     redis_pid: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: Redis commands each publisher write costs (the worker's append script: its EVALSHA,
+    #: and HMGET, XADD, HSET, 2 PEXPIRE and PUBLISH inside it); what Redis served beyond
+    #: these is the system's own.
+    commands_per_write: int = 7
 
 
 class System(Protocol):
@@ -404,7 +408,9 @@ def _nchan_config() -> tuple[str, str, int]:
     return nginx, workdir, port
 
 
-class FloorPublisher(_Unbuffered):
+class LinePublisher(_Unbuffered):
+    """Writes each token to the server's stdin as a line ``<stream> <text>``."""
+
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdin is not None
         self._stdin = process.stdin
@@ -433,11 +439,49 @@ class Floor:
         try:
             await _wait_for_port(port, server, "the floor server")
             paths = [f"/s/{i}" for i in range(streams)]
-            yield Running(port, paths, server.pid, FloorPublisher(server))
+            yield Running(port, paths, server.pid, LinePublisher(server))
         finally:
             assert server.stdin is not None
             server.stdin.close()
             await _stop(server)
+
+
+@dataclass
+class ResumableStream:
+    """Vercel's resumable-stream (npm) on a private Redis: one Node process produces every
+    stream and serves its subscribers (``bench/node/resumable_server.mjs``)."""
+
+    name: str = "resumable-stream"
+
+    @contextlib.asynccontextmanager
+    async def start(self, streams: int) -> AsyncIterator[Running]:
+        script = native.node_script("resumable_server.mjs")
+        node = shutil.which("node") or "node"
+        workdir = tempfile.mkdtemp(prefix="bench-")
+        try:
+            async with _redis_server(workdir) as (redis, redis_pid):
+                port = free_port()
+                redis_port = redis.connection_pool.connection_kwargs["port"]
+                env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}"}
+                server = await _spawn(
+                    [node, str(script), str(port), str(streams)],
+                    pin=SERVER_CORE,
+                    stdin=asyncio.subprocess.PIPE,
+                    env=env,
+                )
+                try:
+                    await _wait_for_port(port, server, "the resumable-stream server")
+                    paths = [f"/s/{i}" for i in range(streams)]
+                    publisher = LinePublisher(server)
+                    yield Running(
+                        port, paths, server.pid, publisher, redis, redis_pid, commands_per_write=0
+                    )
+                finally:
+                    assert server.stdin is not None
+                    server.stdin.close()
+                    await _stop(server)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 ALL: dict[str, System] = {
@@ -449,4 +493,5 @@ ALL: dict[str, System] = {
     "naive": Naive(),
     "nchan": Nchan(),
     "floor": Floor(),
+    "resumable-stream": ResumableStream(),
 }

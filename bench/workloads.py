@@ -15,8 +15,6 @@ import orjson
 from bench import native, procstat
 from bench.systems import LOAD_CORE, Publisher, Running, System
 
-# The append script runs 6 commands (HMGET, XADD, HSET, 2 PEXPIRE, PUBLISH) plus its EVALSHA.
-_COMMANDS_PER_APPEND = 7
 _SETTLE_S = 1.0
 
 
@@ -183,7 +181,7 @@ async def _gateway_commands(running: Running, writes: int) -> int | None:
         return None
     stats: dict[str, Any] = await running.redis.info("commandstats")
     calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-    return max(0, calls - _COMMANDS_PER_APPEND * writes)
+    return max(0, calls - running.commands_per_write * writes)
 
 
 def _figures(

@@ -78,3 +78,19 @@ async def test_churning_clients_resume_where_they_left() -> None:
 async def test_idle_connections_are_measured() -> None:
     result = await run(systems.Floor(), Workload("M", 50))
     assert result["rss_after_mb"] >= result["rss_before_mb"] > 0
+
+
+@pytest.mark.timeout(300)
+async def test_the_resumable_stream_peer_streams_and_resumes_at_the_right_character() -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the resumable-stream peer needs Node.js and npm")
+        pytest.skip("the resumable-stream peer needs Node.js and npm")
+    # Every client drops and resumes (Last-Event-ID: its character offset) twice.
+    workload = Workload("B", 10, streams=10, rate=50, tokens=20, churn_every=7)
+    result = await run(systems.ResumableStream(), workload)
+    assert result["loadgen"]["reconnects"] >= 10
+    assert result["delivered_tokens"] == 10 * 20
+    assert result["gaps"] == result["dups"] == 0
+    # Its Redis commands are its own (the publisher writes to its stdin, not to Redis).
+    assert result["redis_cmds_per_token"] > 0
