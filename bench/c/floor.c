@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +79,9 @@ int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: floor PORT STREAMS\n"); return 2; }
     int port = atoi(argv[1]);
     nstreams = atoi(argv[2]);
+    /* A write to a client that has just reset its connection must drop that client, not end
+     * the server (in a reconnect storm, many have). */
+    signal(SIGPIPE, SIG_IGN);
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
     clients = calloc(rl.rlim_cur, sizeof *clients);
