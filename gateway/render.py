@@ -28,6 +28,7 @@ Events without text (a role, a finish reason, usage) are not rendered in the see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -49,7 +50,7 @@ class Renderer:
         # A copy: orjson's own result keeps a 1 KB buffer, and this is kept per client.
         self._id_json = bytes(memoryview(orjson.dumps(message_id)))
 
-    def __call__(self, items: list[Item]) -> bytes:
+    def __call__(self, items: Sequence[Item]) -> bytes:
         return b"".join([self.frame(item) for item in items])
 
     def frame(self, item: Item) -> bytes:
@@ -66,8 +67,7 @@ class Renderer:
     def chunked(self, events: list[Event]) -> bytes:
         """The events' frames as one HTTP/1.1 chunk (``b""`` when none has a frame): what the
         tail writes to every live subscriber's socket."""
-        frame = self.frame
-        body = frame(events[0]) if len(events) == 1 else b"".join([frame(e) for e in events])
+        body = self(events)
         return chunk(body) if body else b""
 
     def render(self, event: Event) -> bytes:

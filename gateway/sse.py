@@ -24,10 +24,11 @@ SSE_HEADERS = {
 }
 
 
-_RAW_HEADERS = [
-    (b"content-type", SSE_MEDIA_TYPE.encode()),
-    *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS.items()),
-]
+def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+_RAW_HEADERS = _encoded({"Content-Type": SSE_MEDIA_TYPE, **SSE_HEADERS})
 
 
 class EventStreamResponse(Response):
@@ -53,10 +54,7 @@ class EventStreamResponse(Response):
         # the constant headers are encoded once (a gateway keeps one response per client).
         self.status_code = 200
         self.background = None
-        self.raw_headers = [
-            *_RAW_HEADERS,
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
-        ]
+        self.raw_headers = [*_RAW_HEADERS, *_encoded(headers)]
         self._subscriber = subscriber
         self._render = render
         # OpenAI-format clients (the openai package among them) take a frame without data for
