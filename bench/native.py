@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 _SOURCES = Path(__file__).parent / "c"
@@ -38,23 +39,32 @@ _NODE_SOURCES = Path(__file__).parent / "node"
 
 def node_script(name: str) -> Path:
     """The path of ``bench/node/<name>`` in a directory with its npm packages installed
-    (``bench/node/package.json``, installed once per version of the sources)."""
+    (``bench/node/package-lock.json``, installed once per version of the sources)."""
     npm = shutil.which("npm")
     if npm is None or shutil.which("node") is None:
         raise RuntimeError("the resumable-stream peer needs Node.js and npm")
     sources = sorted(_NODE_SOURCES.glob("*.*"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    home = _BUILD / f"node-{digest}"
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    home = _BUILD / f"node-{digest.hexdigest()[:12]}"
     if not home.exists():
-        partial = _BUILD / f"node-{digest}.tmp"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for path in sources:
-            shutil.copy(path, partial / path.name)
-        subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=partial,
-            check=True,
-        )
-        partial.rename(home)
+        _BUILD.mkdir(parents=True, exist_ok=True)
+        # A directory of this caller's own: another process may be installing the same.
+        partial = Path(tempfile.mkdtemp(prefix=f"{home.name}.", dir=_BUILD))
+        try:
+            for path in sources:
+                shutil.copy(path, partial / path.name)
+            subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=partial,
+                check=True,
+            )
+            try:
+                partial.rename(home)
+            except OSError:
+                if not home.exists():
+                    raise  # not another process's finished install: a real failure
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return home / name
