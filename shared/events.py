@@ -27,7 +27,9 @@ from typing import NamedTuple
 import orjson
 
 # Ids reach Redis only after this check; the length cap keeps huge digit strings out.
-_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+# ASCII digits only (Python's \d would take any script's digits); bytes as Redis sends them.
+_ENTRY_ID = re.compile(r"(\d{1,20})-(\d{1,20})", re.ASCII)
+_ENTRY_ID_BYTES = re.compile(rb"(\d{1,20})-(\d{1,20})")
 _MAX_PART = 2**64 - 1
 
 
@@ -61,14 +63,19 @@ class EntryId(NamedTuple):
     @classmethod
     def parse(cls, text: str | bytes) -> EntryId:
         """Parse ``"<ms>-<seq>"``; raise ValueError for anything else."""
+        # Every announcement and every resume parses one: no decoding, one match, two ints.
+        match = (
+            _ENTRY_ID_BYTES.fullmatch(text)
+            if isinstance(text, bytes)
+            else _ENTRY_ID.fullmatch(text)
+        )
+        if match is not None:
+            ms, seq = int(match[1]), int(match[2])
+            if ms <= _MAX_PART and seq <= _MAX_PART:  # Redis ids: two unsigned 64-bit integers
+                return cls(ms, seq)
         if isinstance(text, bytes):
             text = text.decode("ascii", "replace")
-        if not _ENTRY_ID.fullmatch(text):
-            raise ValueError(f"not a stream entry id: {text!r}")
-        ms, seq = (int(part) for part in text.split("-"))
-        if ms > _MAX_PART or seq > _MAX_PART:  # Redis ids are two unsigned 64-bit integers
-            raise ValueError(f"not a stream entry id: {text!r}")
-        return cls(ms, seq)
+        raise ValueError(f"not a stream entry id: {text!r}")
 
     def __str__(self) -> str:
         return f"{self.ms}-{self.seq}"

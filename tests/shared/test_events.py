@@ -14,9 +14,14 @@ def test_entry_ids_order_like_redis() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "5", "5-", "-5", "a-b", "1-2-3", " 1-2", "1" * 21 + "-0", "1-0\n"]
-)
-def test_malformed_entry_ids_are_rejected(text: str) -> None:
+    "text",
+    [
+        "", "5", "5-", "-5", "a-b", "1-2-3", " 1-2", "1" * 21 + "-0", "1-0\n",
+        "\u0661\u0662-1",  # Arabic-Indic digits: int() reads them, Redis does not
+        str(2**64) + "-0", b"1-x", b"\xff-1",
+    ],
+)  # fmt: skip
+def test_malformed_entry_ids_are_rejected(text: str | bytes) -> None:
     with pytest.raises(ValueError, match="not a stream entry id"):
         EntryId.parse(text)
 
