@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ import uvicorn
 
 from gateway import gc_policy
 from gateway.app import create_app
+from gateway.server_options import uvicorn_options
 from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
 from shared.settings import Settings, settings_help
@@ -163,13 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_gateway(settings: Settings, args: argparse.Namespace) -> int:
-    common = {
-        "host": args.host,
-        "port": args.port,
-        "log_level": settings.log_level,
-        # uvicorn would otherwise wait forever for open event streams on SIGTERM.
-        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),
-    }
+    common = uvicorn_options(settings, args.host, args.port)
     if args.workers > 1:
         if args.demo:
             print("tokenrelay: --demo needs a single gateway process", file=sys.stderr)

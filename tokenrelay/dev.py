@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -13,6 +12,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.server_options import uvicorn_options
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 from worker import service
@@ -53,12 +53,6 @@ def build_app(settings: Settings) -> Starlette:
 
 async def run(settings: Settings, *, host: str, port: int) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    config = uvicorn.Config(
-        build_app(settings),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-    )
+    config = uvicorn.Config(build_app(settings), **uvicorn_options(settings, host, port))
     _log.info("demo page: http://%s:%d/", host, port)
     await uvicorn.Server(config).serve()
