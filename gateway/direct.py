@@ -16,7 +16,8 @@ catches up from Redis when the client has drained it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -59,6 +60,17 @@ class DirectWriter:
     def flow(self) -> Any:
         return self._flow
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Held]:
+        """While in this block, what uvicorn writes for the response (its head, say) is kept
+        in the :class:`Held` instead of sent, so that it can leave with the first events."""
+        held = Held()
+        self._cycle.transport = held
+        try:
+            yield held
+        finally:
+            self._cycle.transport = self._transport
+
     def write(self, chunk: bytes) -> None:
         """Write one already chunk-framed piece of the body (see :func:`chunk`); nothing once
         the client is gone (uvloop raises on a write to a closed transport)."""
@@ -67,6 +79,22 @@ class DirectWriter:
 
     async def drained(self) -> None:
         await self._flow.drain()
+
+
+class Held:
+    """Stands in for the transport in uvicorn's ``send`` (which only writes to it there)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(bytes(data))
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def chunk(body: bytes) -> bytes:

@@ -165,6 +165,18 @@ class Subscriber:
             else:
                 await self._wait()
 
+    def ready_now(self) -> list[Item]:
+        """The items that can be sent without waiting: what is queued, after catching up from
+        this gateway's memory when it covers the position (which attaches to the tail).
+        :meth:`next_batch` goes on from there."""
+        if self._catching_up and not (self._closed or self._gone or self._hub.draining):
+            self._catch_up_in_memory()
+        batch, self._pending = self._pending, []
+        if batch:
+            self._heartbeat_due = False
+            self.last_active = self._hub.now()
+        return batch
+
     def close(self) -> None:
         """Release everything this subscriber holds; a pending :meth:`next_batch` returns None."""
         if self._closed:

@@ -67,14 +67,18 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(close_on_disconnect(receive, subscriber))
         last_words = b""  # what a stream that ends before its terminal event says last
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            if self._first:
-                await send({"type": "http.response.body", "body": self._first, "more_body": True})
             writer = writer_for(scope)
-            if writer is not None and writer.usable:
-                await self._stream_direct(writer)
-            else:
+            if writer is None:
+                await self._start(send)
                 await self._stream(send)
+            else:
+                with writer.holding() as head:
+                    await self._start(send)
+                if writer.usable:
+                    await self._stream_direct(writer, head.data)
+                else:  # not chunked (a HEAD request): uvicorn's send takes the body
+                    writer.write(head.data)
+                    await self._stream(send)
         except Draining:
             last_words = self._render.draining(self._retry_ms)
         except MessageGone as exc:
@@ -89,6 +93,12 @@ class EventStreamResponse(Response):
             await asyncio.gather(watcher, return_exceptions=True)
         await send({"type": "http.response.body", "body": last_words, "more_body": False})
 
+    async def _start(self, send: Send) -> None:
+        """The status and headers, then the ``retry:`` hint."""
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if self._first:
+            await send({"type": "http.response.body", "body": self._first, "more_body": True})
+
     async def _stream(self, send: Send) -> None:
         """Every item through ASGI ``send``."""
         subscriber, render = self._subscriber, self._render
@@ -97,10 +107,20 @@ class EventStreamResponse(Response):
             if body:  # events without a frame in this format render to nothing
                 await send({"type": "http.response.body", "body": body, "more_body": True})
 
-    async def _stream_direct(self, writer: DirectWriter) -> None:
-        """Catch-up batches and heartbeats written here; live events by the tail (the sink)."""
+    async def _stream_direct(self, writer: DirectWriter, head: bytes) -> None:
+        """Catch-up batches and heartbeats written here; live events by the tail (the sink).
+
+        ``head`` (status, headers, retry hint) leaves together with what the client missed,
+        when this gateway has that in memory: one write, and one packet for the client.
+        """
         subscriber, render = self._subscriber, self._render
         subscriber.sink = _DirectSink(writer, render)
+        # No await from here to the write: the tail writes live events only after it.
+        missed = subscriber.ready_now()
+        body = render(missed) if missed else b""
+        writer.write(head + chunk(body) if body else head)
+        if writer.congested:
+            await writer.drained()
         while (items := await subscriber.next_batch()) is not None:
             if not writer.usable:
                 return  # the client left (the disconnect watcher closes the subscriber too)

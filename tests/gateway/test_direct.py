@@ -10,6 +10,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from gateway.direct import DirectWriter
 from shared.events import Kind
 from shared.messages import Job, new_message_id, submit
 from shared.settings import Settings
@@ -80,3 +81,51 @@ def _read_response_body(sock: socket.socket) -> bytes:
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 return body
+
+
+async def test_a_resume_from_memory_sends_head_and_missed_events_in_one_write(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    original = DirectWriter.write
+
+    def recording(self: DirectWriter, data: bytes) -> None:
+        writes.append(data)
+        original(self, data)
+
+    monkeypatch.setattr(DirectWriter, "write", recording)
+    async with start_stack(settings, worker=False) as stack:
+        message_id = new_message_id()
+        job = Job(message_id=message_id, prompt="one write", max_tokens=1)
+        await submit(redis, job, ttl_ms=60_000, model="test")
+        writer = StreamWriter(redis, message_id, "test", ttl_ms=60_000, maxlen=1_000)
+        assert await writer.claim() == "ok"
+        await writer.append(Kind.CHUNK, orjson.dumps("t0 "))
+        path = f"/chat/stream/{message_id}"
+        async with stack.client() as client, client.stream("GET", path) as following:
+            # A live follower: the events after it joined stay in this gateway's memory.
+            await eventually(lambda: stack.hub.warm_tail(message_id) is not None)
+            for i in range(1, 5):
+                await writer.append(Kind.CHUNK, orjson.dumps(f"t{i} "))
+            received = b""
+            async for piece in following.aiter_bytes():
+                received += piece
+                if len(parse_sse(received).events) == 5:
+                    break
+            ids = [e.id or "" for e in parse_sse(received).events]
+            reads = stack.hub.reads
+            writes.clear()
+            async with client.stream("GET", path, headers={"Last-Event-ID": ids[1]}) as resumed:
+                assert resumed.status_code == 200
+                raw = b""
+                async for piece in resumed.aiter_bytes():
+                    raw += piece
+                    if len(parse_sse(raw).events) == 3:
+                        break
+            assert [e.id for e in parse_sse(raw).events] == ids[2:]
+            assert stack.hub.reads == reads  # answered from memory
+            first = writes[0]
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"retry: " in first
+            assert all(i.encode() in first for i in ids[2:])
+            await writer.append(Kind.DONE, b"")
