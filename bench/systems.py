@@ -24,7 +24,8 @@ from shared.messages import Job, new_message_id, submit
 from shared.settings import Settings
 from tokenrelay.stack import free_port, redis_server_argv
 from worker.generation import _Chunker  # the worker's own coalescing rule
-from worker.stream_writer import StreamWriter
+from worker.script_batch import ScriptBatch
+from worker.stream_writer import StreamWriter, append_batch
 
 _CORES = sorted(os.sched_getaffinity(0))
 # The server under test gets one core, everything else (Redis, load, publisher) the other.
@@ -137,8 +138,9 @@ async def _redis_server(workdir: str) -> AsyncIterator[tuple[Redis, int]]:
 class TokenrelayPublisher:
     """Writes tokens as a worker does: the append script, through the worker's coalescing."""
 
-    def __init__(self, redis: Redis, coalesce_ms: float) -> None:
+    def __init__(self, redis: Redis, appends: ScriptBatch, coalesce_ms: float) -> None:
         self._redis = redis
+        self._appends = appends
         self._coalesce_s = coalesce_ms / 1000
         self.message_ids: list[str] = []
         self._chunkers: list[_Chunker] = []
@@ -152,7 +154,7 @@ class TokenrelayPublisher:
             job = Job(message_id=new_message_id(), prompt="bench", max_tokens=1)
             await submit(self._redis, job, ttl_ms=_TTL_MS, model="bench")
             writer = StreamWriter(
-                self._redis, job.message_id, "bench", ttl_ms=_TTL_MS, maxlen=_MAXLEN
+                self._redis, self._appends, job.message_id, "bench", ttl_ms=_TTL_MS, maxlen=_MAXLEN
             )
             if await writer.claim() != "ok":
                 raise RuntimeError("could not claim a bench message")
@@ -217,10 +219,12 @@ async def _on_redis(
             server = await _spawn([*server_argv, "--port", str(port)], pin=pin, env=env)
             try:
                 await _wait_for_port(port, server, what)
-                publisher = TokenrelayPublisher(redis, coalesce_ms)
-                await publisher.create(streams)
-                paths = [path + m for m in publisher.message_ids]
-                yield Running(port, paths, server.pid, publisher, redis, redis_pid)
+                # The appends of every stream share round trips, as a worker process's do.
+                async with append_batch(redis) as appends:
+                    publisher = TokenrelayPublisher(redis, appends, coalesce_ms)
+                    await publisher.create(streams)
+                    paths = [path + m for m in publisher.message_ids]
+                    yield Running(port, paths, server.pid, publisher, redis, redis_pid)
             finally:
                 await _stop(server)
     finally:

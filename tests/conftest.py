@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 from shared.settings import Settings
 from tests.support import Stack, free_port, start_stack
 from tokenrelay.stack import redis_server_argv
+from worker.script_batch import ScriptBatch
+from worker.stream_writer import append_batch
 
 
 def _unavailable(reason: str) -> None:
@@ -91,6 +93,13 @@ async def redis(redis_server: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def appends(redis: Redis) -> AsyncIterator[ScriptBatch]:
+    """The append script as a worker process calls it (batched), on the private Redis."""
+    async with append_batch(redis) as batch:
+        yield batch
 
 
 @pytest.fixture

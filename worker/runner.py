@@ -40,6 +40,7 @@ from shared.messages import Job
 from shared.settings import Settings
 from worker.backends.base import GenerationRequest, ModelBackend
 from worker.generation import WORKER_STOPPING, append_shutdown_error, generate
+from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Worker:
         self,
         settings: Settings,
         redis: Redis,
+        appends: ScriptBatch,
         backend: ModelBackend,
         *,
         consumer: str,
@@ -88,6 +90,7 @@ class Worker:
     ) -> None:
         self._settings = settings
         self._redis = redis
+        self._appends = appends
         self._backend = backend
         self._consumer = consumer
         self._embedded = embedded
@@ -368,6 +371,7 @@ class Worker:
         # own (its renewals failed for a whole lease) still fences its earlier attempt out.
         return StreamWriter(
             self._redis,
+            self._appends,
             job.message_id,
             owner=f"{self._consumer}/{entry_id.decode()}/{secrets.token_hex(4)}",
             ttl_ms=self._settings.stream_ttl_s * 1000,

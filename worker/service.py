@@ -9,6 +9,7 @@ from shared.redis_client import RedisConnector
 from shared.settings import Settings
 from worker.backends import create_backend
 from worker.runner import Worker, consumer_name
+from worker.stream_writer import append_batch
 
 _log = logging.getLogger(__name__)
 
@@ -19,16 +20,19 @@ async def serve(settings: Settings, connector: RedisConnector, stop: asyncio.Eve
     try:
         backend = create_backend(settings)
         try:
-            worker = Worker(
-                settings,
-                redis,
-                backend,
-                consumer=consumer_name(),
-                connect=lambda: connector.dedicated_connection("tokenrelay-worker-cancels"),
-                embedded=connector.embedded,
-            )
-            _log.info("worker using %s, %s backend", connector.description, settings.backend)
-            await worker.run(stop)
+            # Every generation's appends share round trips (see worker.script_batch).
+            async with append_batch(redis) as appends:
+                worker = Worker(
+                    settings,
+                    redis,
+                    appends,
+                    backend,
+                    consumer=consumer_name(),
+                    connect=lambda: connector.dedicated_connection("tokenrelay-worker-cancels"),
+                    embedded=connector.embedded,
+                )
+                _log.info("worker using %s, %s backend", connector.description, settings.backend)
+                await worker.run(stop)
         finally:
             await backend.aclose()
     finally:

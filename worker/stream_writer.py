@@ -23,8 +23,9 @@ from shared import keys
 from shared.errors import TokenrelayError
 from shared.events import Kind
 from shared.messages import RUNNING
+from worker.script_batch import ScriptBatch, ScriptCall
 
-_APPEND = """
+APPEND_SCRIPT = """
 local meta = redis.call('HMGET', KEYS[2], 'owner', 'seq', 'cancel', 'watch_ms', 'call', 'end')
 if not meta[2] then return {0, 'gone'} end
 if meta[1] ~= ARGV[1] then return {0, 'fenced'} end
@@ -83,11 +84,24 @@ class CancelRequested(TokenrelayError):
         self.reason = reason
 
 
+def append_batch(redis: Redis) -> ScriptBatch:
+    """The append script of one process, its calls batched (see worker.script_batch);
+    every writer of the process shares it."""
+    return ScriptBatch(redis, APPEND_SCRIPT)
+
+
 class StreamWriter:
     """Writes one message's events in order for one generation attempt."""
 
     def __init__(
-        self, redis: Redis, message_id: str, owner: str, *, ttl_ms: int, maxlen: int
+        self,
+        redis: Redis,
+        appends: ScriptCall,
+        message_id: str,
+        owner: str,
+        *,
+        ttl_ms: int,
+        maxlen: int,
     ) -> None:
         self._keys = [
             keys.message_stream(message_id),
@@ -107,7 +121,7 @@ class StreamWriter:
         #: Events the message already had when this attempt claimed it (a takeover's start).
         self.events_before = 0
         self._redis = redis
-        self._append: AsyncScript = redis.register_script(_APPEND)
+        self._append = appends
         self._claim: AsyncScript = redis.register_script(_CLAIM)
 
     async def claim(self, *, takeover: bool = False) -> str:

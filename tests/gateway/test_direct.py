@@ -16,6 +16,7 @@ from shared.messages import Job, new_message_id, submit
 from shared.settings import Settings
 from tests.support import Stack, content_of, eventually, parse_sse, start_stack
 from worker.backends.mock import mock_text
+from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
 
@@ -35,18 +36,18 @@ async def test_under_uvicorn_live_subscribers_are_written_directly(stack: Stack)
 
 @pytest.mark.timeout(60)
 async def test_a_client_that_stops_reading_catches_up_from_redis_and_loses_nothing(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: Redis, appends: ScriptBatch
 ) -> None:
     async with start_stack(settings, worker=False) as stack:
-        await _fall_behind_and_catch_up(stack, redis)
+        await _fall_behind_and_catch_up(stack, redis, appends)
 
 
-async def _fall_behind_and_catch_up(stack: Stack, redis: Redis) -> None:
+async def _fall_behind_and_catch_up(stack: Stack, redis: Redis, appends: ScriptBatch) -> None:
     # Events written as a worker writes them, large enough to fill every socket buffer.
     message_id = new_message_id()
     job = Job(message_id=message_id, prompt="slow reader", max_tokens=1)
     await submit(redis, job, ttl_ms=60_000, model="test")
-    writer = StreamWriter(redis, message_id, "test", ttl_ms=60_000, maxlen=10_000)
+    writer = StreamWriter(redis, appends, message_id, "test", ttl_ms=60_000, maxlen=10_000)
     assert await writer.claim() == "ok"
     port = int(stack.url.rsplit(":", 1)[1])
     sock = socket.socket()
@@ -84,7 +85,7 @@ def _read_response_body(sock: socket.socket) -> bytes:
 
 
 async def test_a_resume_from_memory_sends_head_and_missed_events_in_one_write(
-    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, redis: Redis, appends: ScriptBatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[bytes] = []
     original = DirectWriter.write
@@ -98,7 +99,7 @@ async def test_a_resume_from_memory_sends_head_and_missed_events_in_one_write(
         message_id = new_message_id()
         job = Job(message_id=message_id, prompt="one write", max_tokens=1)
         await submit(redis, job, ttl_ms=60_000, model="test")
-        writer = StreamWriter(redis, message_id, "test", ttl_ms=60_000, maxlen=1_000)
+        writer = StreamWriter(redis, appends, message_id, "test", ttl_ms=60_000, maxlen=1_000)
         assert await writer.claim() == "ok"
         await writer.append(Kind.CHUNK, orjson.dumps("t0 "))
         path = f"/chat/stream/{message_id}"

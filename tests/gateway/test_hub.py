@@ -29,6 +29,7 @@ from tests.support import (
     run_worker,
     start_stack,
 )
+from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
 
@@ -55,14 +56,14 @@ async def _submit(stack: Stack, prompt: str, max_tokens: int) -> str:
 
 
 async def _attached_and_writer(
-    stack: Stack, redis: Redis, prompt: str
+    stack: Stack, redis: Redis, appends: ScriptBatch, prompt: str
 ) -> tuple[str, asyncio.Task[list[Item]], StreamWriter]:
     """A message with one subscriber attached to its tail, and a writer that owns it (no worker)."""
     message_id = await _submit(stack, prompt, 3)
     subscriber = stack.hub.subscribe(message_id)
     task = asyncio.create_task(_drain(subscriber))
     await eventually(lambda: not subscriber._catching_up)
-    writer = StreamWriter(redis, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
+    writer = StreamWriter(redis, appends, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
     assert await writer.claim() == "ok"
     return message_id, task, writer
 
@@ -198,10 +199,12 @@ async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Re
     assert "".join(e.data for e in live_events).count("[DONE]") == 1
 
 
-async def test_gap_in_announcements_triggers_a_re_read(settings: Settings, redis: Redis) -> None:
+async def test_gap_in_announcements_triggers_a_re_read(
+    settings: Settings, redis: Redis, appends: ScriptBatch
+) -> None:
     """An announcement that never arrives is noticed from the next one's sequence number."""
     async with start_stack(settings, worker=False) as stack:
-        message_id, task, writer = await _attached_and_writer(stack, redis, "gap")
+        message_id, task, writer = await _attached_and_writer(stack, redis, appends, "gap")
         # Event 0 is written the way the append script writes it, minus its announcement.
         await redis.xadd(keys.message_stream(message_id), {"n": "0", "k": "chunk", "d": '"lost "'})
         await redis.hset(keys.message_meta(message_id), "seq", "1")
@@ -232,11 +235,11 @@ def _ids(items: list[Item]) -> list[str]:
 
 @pytest.mark.usefixtures("redis")
 async def test_a_lost_final_announcement_is_found_by_the_quiet_check(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: Redis, appends: ScriptBatch
 ) -> None:
     quick = dataclasses.replace(settings, heartbeat_s=0.2)
     async with start_stack(quick, worker=False) as stack:
-        message_id, task, writer = await _attached_and_writer(stack, redis, "lost end")
+        message_id, task, writer = await _attached_and_writer(stack, redis, appends, "lost end")
         await writer.append(Kind.CHUNK, b'"only"')
         # The end is written, but its announcement never arrives (as if the connection dropped).
         end_id = await redis.xadd(keys.message_stream(message_id), {"n": "1", "k": "done", "d": ""})

@@ -17,6 +17,7 @@ from shared.streams import read_after
 from worker.backends.base import GenerationRequest
 from worker.backends.mock import MockBackend, mock_text
 from worker.generation import generate
+from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
 MESSAGE = "G" * 22
@@ -30,9 +31,9 @@ async def _entries(redis: Redis) -> list[tuple[str, str]]:
     ]
 
 
-async def _writer(redis: Redis) -> StreamWriter:
+async def _writer(redis: Redis, appends: ScriptBatch) -> StreamWriter:
     await submit(redis, Job(MESSAGE, "p", 1), ttl_ms=60_000, model="test")
-    writer = StreamWriter(redis, MESSAGE, "owner", ttl_ms=60_000, maxlen=10_000)
+    writer = StreamWriter(redis, appends, MESSAGE, "owner", ttl_ms=60_000, maxlen=10_000)
     assert await writer.claim()
     return writer
 
@@ -55,8 +56,8 @@ class ScriptedModel:
         """Nothing to release."""
 
 
-async def test_zero_window_writes_one_entry_per_token(redis: Redis) -> None:
-    writer = await _writer(redis)
+async def test_zero_window_writes_one_entry_per_token(redis: Redis, appends: ScriptBatch) -> None:
+    writer = await _writer(redis, appends)
     await generate(
         MockBackend(token_delay_s=0), GenerationRequest("per token", 30), writer, coalesce_s=0
     )
@@ -66,8 +67,10 @@ async def test_zero_window_writes_one_entry_per_token(redis: Redis) -> None:
     assert [k for k, _ in entries[-3:]] == ["choice", "usage", "done"]
 
 
-async def test_window_merges_tokens_but_writes_the_first_at_once(redis: Redis) -> None:
-    writer = await _writer(redis)
+async def test_window_merges_tokens_but_writes_the_first_at_once(
+    redis: Redis, appends: ScriptBatch
+) -> None:
+    writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " a", " b", " c"])
     task = asyncio.create_task(generate(model, GenerationRequest("x", 9), writer, coalesce_s=3600))
     # With an hour-long window, only the first token may be written until the model finishes.
@@ -81,8 +84,10 @@ async def test_window_merges_tokens_but_writes_the_first_at_once(redis: Redis) -
     assert await _entries(redis) == [("chunk", "first"), ("chunk", " a b c"), ("done", "")]
 
 
-async def test_window_flushes_when_it_closes_even_if_the_model_pauses(redis: Redis) -> None:
-    writer = await _writer(redis)
+async def test_window_flushes_when_it_closes_even_if_the_model_pauses(
+    redis: Redis, appends: ScriptBatch
+) -> None:
+    writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " held"])
     task = asyncio.create_task(generate(model, GenerationRequest("x", 9), writer, coalesce_s=0.05))
     # The model now pauses indefinitely; " held" must still be written when the window closes.
@@ -95,8 +100,10 @@ async def test_window_flushes_when_it_closes_even_if_the_model_pauses(redis: Red
     await task
 
 
-async def test_model_failure_keeps_what_was_generated_then_ends_with_an_error(redis: Redis) -> None:
-    writer = await _writer(redis)
+async def test_model_failure_keeps_what_was_generated_then_ends_with_an_error(
+    redis: Redis, appends: ScriptBatch
+) -> None:
+    writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " second", "!fail"])
     await generate(model, GenerationRequest("x", 9), writer, coalesce_s=3600)
     entries = await _entries(redis)
@@ -106,7 +113,9 @@ async def test_model_failure_keeps_what_was_generated_then_ends_with_an_error(re
     assert orjson.loads(data) == {"type": "model_error", "message": "scripted failure"}
 
 
-async def test_unexpected_failure_ends_the_message_and_propagates(redis: Redis) -> None:
+async def test_unexpected_failure_ends_the_message_and_propagates(
+    redis: Redis, appends: ScriptBatch
+) -> None:
     class Broken:
         async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
             yield "ok"
@@ -115,7 +124,7 @@ async def test_unexpected_failure_ends_the_message_and_propagates(redis: Redis) 
         async def aclose(self) -> None:
             """Nothing to release."""
 
-    writer = await _writer(redis)
+    writer = await _writer(redis, appends)
     with pytest.raises(RuntimeError, match="bug"):
         await generate(Broken(), GenerationRequest("x", 9), writer, coalesce_s=0)
     entries = await _entries(redis)

@@ -20,6 +20,7 @@ from shared.settings import Settings
 from shared.streams import read_after, read_newest
 from tests.support import parse_sse, read_stream, run_worker, start_stack
 from worker.backends.mock import CRASH_STATUS, mock_text
+from worker.script_batch import ScriptBatch
 
 
 async def _until(predicate_coro: object, timeout_s: float = 10) -> None:
@@ -152,7 +153,7 @@ async def test_a_job_that_crashes_every_worker_process_goes_to_the_dead_letters(
 
 
 async def test_a_worker_taking_over_its_own_job_fences_its_earlier_attempt(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: Redis, appends: ScriptBatch
 ) -> None:
     """If a worker's own renewals fail for a whole lease, it may reclaim its own job: the two
     attempts must still be told apart, or both would write into one answer."""
@@ -167,6 +168,7 @@ async def test_a_worker_taking_over_its_own_job_fences_its_earlier_attempt(
     worker = Worker(
         settings,
         redis,
+        appends,
         MockBackend(token_delay_s=0),
         consumer="same",
         connect=lambda: connector.dedicated_connection("t"),
