@@ -178,9 +178,7 @@ async def post_completions(request: Request) -> Response:
     subscriber = state.hub.subscribe(message_id, watch_ms=watch_ms)
     headers = {"X-Message-Id": message_id}
     if completion.stream:
-        return EventStreamResponse(
-            subscriber, _renderer(message_id, info), retry_ms=None, headers=headers
-        )
+        return EventStreamResponse(subscriber, _renderer(message_id, info), retry_ms=None)
     events = await collect(request, subscriber)
     return completion_response(message_id, info, events, headers)
 

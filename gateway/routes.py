@@ -55,9 +55,7 @@ async def post_chat(request: Request) -> Response:
     subscriber = state.hub.subscribe(message_id, watch_ms=watch_ms)
     headers = {"X-Message-Id": message_id}
     if chat.stream:
-        return EventStreamResponse(
-            subscriber, SeedRenderer(message_id), retry_ms=settings.retry_ms, headers=headers
-        )
+        return EventStreamResponse(subscriber, SeedRenderer(message_id), retry_ms=settings.retry_ms)
     events = await collect(request, subscriber)
     if events[-1].kind is Kind.ERROR:
         # The model failed: the stream's error event body, as a gateway error.
@@ -138,9 +136,7 @@ def stream_from(
         info=start.info,
     )
     retry_ms = state.settings.retry_ms if retry_hint else None
-    return EventStreamResponse(
-        subscriber, renderer, retry_ms=retry_ms, headers={"X-Message-Id": message_id}
-    )
+    return EventStreamResponse(subscriber, renderer, retry_ms=retry_ms)
 
 
 async def collect(request: Request, subscriber: Subscriber) -> list[Event]:

@@ -48,13 +48,13 @@ class EventStreamResponse(Response):
         render: Renderer,
         *,
         retry_ms: int | None,
-        headers: Mapping[str, str],
     ) -> None:
         # No Response.__init__: it would render a body and announce "content-length: 0"; and
         # the constant headers are encoded once (a gateway keeps one response per client).
         self.status_code = 200
         self.background = None
-        self.raw_headers = [*_RAW_HEADERS, *_encoded(headers)]
+        # X-Message-Id: the id to resume with, for clients that did not choose it.
+        self.raw_headers = [*_RAW_HEADERS, (b"x-message-id", subscriber.message_id.encode())]
         self._subscriber = subscriber
         self._render = render
         # OpenAI-format clients (the openai package among them) take a frame without data for

@@ -118,6 +118,7 @@ async def test_a_resume_from_memory_sends_head_and_missed_events_in_one_write(
             writes.clear()
             async with client.stream("GET", path, headers={"Last-Event-ID": ids[1]}) as resumed:
                 assert resumed.status_code == 200
+                assert resumed.headers["x-message-id"] == message_id
                 raw = b""
                 async for piece in resumed.aiter_bytes():
                     raw += piece
