@@ -64,7 +64,7 @@ class DirectWriter:
     def holding(self) -> Iterator[Held]:
         """While in this block, what uvicorn writes for the response (its head, say) is kept
         in the :class:`Held` instead of sent, so that it can leave with the first events."""
-        held = Held()
+        held = Held(self._transport)
         self._cycle.transport = held
         try:
             yield held
@@ -82,15 +82,20 @@ class DirectWriter:
 
 
 class Held:
-    """Stands in for the transport in uvicorn's ``send`` (which only writes to it there)."""
+    """Stands in for the transport of uvicorn's cycle: keeps what ``send`` writes, and answers
+    ``is_closing`` (which ``receive`` asks) for the real one."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "_transport")
 
-    def __init__(self) -> None:
+    def __init__(self, transport: Any) -> None:
         self._parts: list[bytes] = []
+        self._transport = transport
 
     def write(self, data: bytes) -> None:
         self._parts.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
 
     @property
     def data(self) -> bytes:

@@ -76,7 +76,7 @@ class EventStreamResponse(Response):
                     await self._start(send)
                 if writer.usable:
                     await self._stream_direct(writer, head.data)
-                else:  # not chunked (a HEAD request): uvicorn's send takes the body
+                else:  # a HEAD request, or the client left: uvicorn's send takes the rest
                     writer.write(head.data)
                     await self._stream(send)
         except Draining:

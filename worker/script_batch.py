@@ -6,13 +6,15 @@ appending at once, ``python -m bench.appends`` measured 42-52 us of Redis CPU pe
 one call each, and 18-24 us batched. So calls wait in a queue, and one sender task
 sends whatever has queued as one pipeline (no transaction), then the next batch once that
 reply is in. A lone call goes at once; under load, calls that arrive while a batch is out
-share the next round trip, which is never longer than the one before it took.
+share the next round trip instead of each taking one.
 
 Nothing changes for the caller: each call gets its own reply or its own error. A call whose
 caller was cancelled before its batch left is not sent. A pipeline that redis-py retries (a
 connection error) sends its calls again, which the script must tolerate (the append script
 skips a call id it has already applied); two calls of one writer are never in one batch,
-because a writer awaits each append before the next.
+because a writer awaits each append before the next. The price: one round trip out at a
+time, so a stalled one (Redis unreachable, until redis-py's retries give up) holds every
+caller of the process, where it used to hold only its own.
 """
 
 from __future__ import annotations
@@ -86,18 +88,22 @@ class ScriptBatch:
     async def _send_until_closed(self) -> None:
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
+                if not self._queued:
+                    # Closing ends the task only once nothing waits: a generation the worker
+                    # stopped may still append its last event after the close began.
+                    if self._closing:
+                        return
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
                 batch, self._queued = self._queued, []
                 batch = [call for call in batch if not call.future.done()]  # callers gone
                 if batch:
                     self._out = batch
                     await self._send(batch)
                     self._out = []
-                elif self._closing:
-                    return
         finally:
-            # Reached with calls waiting only if this task itself was cancelled.
+            # Calls still waiting here: this task was cancelled or failed (the error goes on).
             for call in [*self._out, *self._queued]:
                 if not call.future.done():
                     call.future.set_exception(RuntimeError("the script batch was stopped"))
@@ -125,9 +131,14 @@ class ScriptBatch:
         retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if retry:
             # Redis lost its scripts (a restart, SCRIPT FLUSH, a failover): those calls never
-            # ran, so they are sent again once the script is loaded.
-            self._sha = await self._redis.script_load(self._script)
-            again = await self._round_trip([batch[i] for i in retry])
+            # ran, so they are sent again once the script is loaded (even a call whose caller
+            # has gone meanwhile: it was sent once). If that fails, only they fail: the others
+            # of the batch were applied.
+            try:
+                self._sha = await self._redis.script_load(self._script)
+                again = await self._round_trip([batch[i] for i in retry])
+            except Exception as exc:
+                again = [exc] * len(retry)
             for i, reply in zip(retry, again, strict=True):
                 replies[i] = reply
         return replies

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from gateway.direct import DirectWriter
+from gateway.direct import DirectWriter, Held
 from shared.events import Kind
 from shared.messages import Job, new_message_id, submit
 from shared.settings import Settings
@@ -131,3 +131,20 @@ async def test_a_resume_from_memory_sends_head_and_missed_events_in_one_write(
             assert b"retry: " in first
             assert all(i.encode() in first for i in ids[2:])
             await writer.append(Kind.DONE, b"")
+
+
+def test_the_held_head_answers_for_the_real_transport() -> None:
+    class Transport:
+        closing = False
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+    transport = Transport()
+    held = Held(transport)
+    held.write(b"HTTP/1.1 200 OK\r\n")
+    held.write(b"\r\n")
+    assert held.data == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert not held.is_closing()  # uvicorn's receive() asks while the head is held
+    transport.closing = True
+    assert held.is_closing()

@@ -110,3 +110,27 @@ async def test_a_call_outside_its_block_is_refused(redis: Redis) -> None:
         pass
     with pytest.raises(RuntimeError, match="not running"):
         await echo(["n"], ["late"])
+
+
+_SLOW_OR_FAST = """
+if ARGV[1] == 'slow' then
+  local i = 0
+  while i < 3000000 do i = i + 1 end
+end
+redis.call('INCR', KEYS[1])
+return ARGV[1]
+"""
+
+
+async def test_a_call_made_while_closing_is_still_sent_and_the_close_ends(redis: Redis) -> None:
+    """A generation the worker stopped may append its last event after the close began."""
+    batch = ScriptBatch(redis, _SLOW_OR_FAST)
+    await batch.__aenter__()
+    slow = asyncio.ensure_future(batch(["n"], ["slow"]))
+    await asyncio.sleep(0.01)  # its round trip is out
+    closing = asyncio.ensure_future(batch.__aexit__(None, None, None))
+    await asyncio.sleep(0)
+    last = asyncio.ensure_future(batch(["n"], ["last"]))
+    await asyncio.wait_for(closing, 10)
+    assert (await slow, await last) == (b"slow", b"last")
+    assert await redis.get("n") == b"2"
