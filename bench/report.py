@@ -222,7 +222,14 @@ def charts(rows: list[Run], directory: Path) -> list[Path]:
     written = []
     panels: list[tuple[str, str, Callable[[Run], float | None], bool]] = [
         ("latency.png", "p99 latency, ms (log)", lambda r: _med(r, "latency_p99_ms"), True),
-        ("cpu.png", "CPU µs per delivered token", lambda r: _med(r, "cpu_us_per_token"), False),
+        # Log too: a gateway that collapses (it delivers almost nothing) costs thousands of
+        # µs per token, and a linear axis would flatten every other line to zero.
+        (
+            "cpu.png",
+            "CPU µs per delivered token (log)",
+            lambda r: _med(r, "cpu_us_per_token"),
+            True,
+        ),
     ]
     for filename, ylabel, value, log in panels:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
