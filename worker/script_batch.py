@@ -20,6 +20,7 @@ caller of the process, where it used to hold only its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -27,6 +28,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
+
+_log = logging.getLogger(__name__)
 
 
 class ScriptCall(Protocol):
@@ -48,9 +51,11 @@ class _Call:
 class ScriptBatch:
     """Calls of ``script``, batched; use ``async with`` around the tasks that call it."""
 
-    def __init__(self, redis: Redis, script: str) -> None:
+    def __init__(self, redis: Redis, script: str, *, close_within_s: float | None = None) -> None:
         self._redis = redis
         self._script = script
+        # How long leaving the block may wait for calls still out (None: as long as they take).
+        self._close_within_s = close_within_s
         self._sha: str | None = None
         self._queued: list[_Call] = []
         self._out: list[_Call] = []  # the batch whose reply is awaited
@@ -73,8 +78,17 @@ class ScriptBatch:
     ) -> None:
         self._closing = True
         self._wake.set()
-        assert self._sender is not None
-        await self._sender
+        sender = self._sender
+        assert sender is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(sender), self._close_within_s)
+        except TimeoutError:
+            # Redis does not answer (redis-py may retry for a long while): the calls still
+            # out fail with "stopped" rather than hold the process's exit.
+            waiting = len(self._out) + len(self._queued)
+            _log.warning("script batch closed with %d calls unanswered", waiting)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[str | bytes]) -> Any:
         """Run the script with ``keys`` and ``args``; its reply, or the error Redis gave."""

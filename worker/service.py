@@ -20,8 +20,9 @@ async def serve(settings: Settings, connector: RedisConnector, stop: asyncio.Eve
     try:
         backend = create_backend(settings)
         try:
-            # Every generation's appends share round trips (see worker.script_batch).
-            async with append_batch(redis) as appends:
+            # Every generation's appends share round trips (see worker.script_batch). Past the
+            # shutdown grace, appends Redis has not answered are given up with the rest.
+            async with append_batch(redis, close_within_s=settings.shutdown_grace_s) as appends:
                 worker = Worker(
                     settings,
                     redis,

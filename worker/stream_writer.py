@@ -84,10 +84,10 @@ class CancelRequested(TokenrelayError):
         self.reason = reason
 
 
-def append_batch(redis: Redis) -> ScriptBatch:
+def append_batch(redis: Redis, *, close_within_s: float | None = None) -> ScriptBatch:
     """The append script of one process, its calls batched (see worker.script_batch);
     every writer of the process shares it."""
-    return ScriptBatch(redis, APPEND_SCRIPT)
+    return ScriptBatch(redis, APPEND_SCRIPT, close_within_s=close_within_s)
 
 
 class StreamWriter:

@@ -134,3 +134,29 @@ async def test_a_call_made_while_closing_is_still_sent_and_the_close_ends(redis:
     await asyncio.wait_for(closing, 10)
     assert (await slow, await last) == (b"slow", b"last")
     assert await redis.get("n") == b"2"
+
+
+async def test_a_close_gives_up_on_calls_redis_never_answers() -> None:
+    """Leaving the block waits at most close_within_s; the unanswered calls fail, not hang."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(1 << 16):
+            pass  # takes every command, answers none
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mute = Redis(port=port, socket_timeout=60)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with ScriptBatch(mute, _ECHO, close_within_s=0.3) as echo:
+            call = asyncio.ensure_future(echo(["n"], ["unanswered"]))
+            await asyncio.sleep(0.05)
+        assert loop.time() - started < 5
+        with pytest.raises(RuntimeError, match="stopped"):
+            await call
+    finally:
+        await mute.aclose()
+        server.close()
+        await server.wait_closed()
