@@ -190,7 +190,9 @@ async def test_a_redis_restart_is_survived_without_restarting_anything() -> None
         )
 
 
-@pytest.mark.timeout(150)
+# Generous bounds: on a loaded CI machine with coverage tracing every process, the 1,000
+# joins once took more than 90 s (the whole suite ran at half its usual speed that time).
+@pytest.mark.timeout(420)
 async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
     """1,000 clients of one live answer lose their connections at once; each resumes with
     Last-Event-ID through the load balancer and has exactly every event: no gap, no duplicate.
@@ -210,7 +212,7 @@ async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
             client = TokenrelayClient(
                 stack.url, http=http, initial_backoff_s=0.05, max_backoff_s=0.5
             )
-            first = await client.ask("storm", max_tokens=1000)
+            first = await client.ask("storm", max_tokens=4000)  # 10 min: longer than the test
             streams = [client.follow(first.message_id) for _ in range(1000)]
             received = [0] * len(streams)
 
@@ -224,7 +226,7 @@ async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
                 return ids
 
             readers = [asyncio.create_task(read(i)) for i in range(len(streams))]
-            await _until(lambda: all(received), 90)  # every client is on the live tail
+            await _until(lambda: all(received), 240)  # every client is on the live tail
             before = list(received)
             proxy.cut()
             # Every client resumed and got newer events; then the answer is stopped.
@@ -233,7 +235,7 @@ async def test_a_reconnect_storm_of_1000_clients_loses_nothing() -> None:
                     all(s.reconnects >= 1 for s in streams)
                     and all(now > then for now, then in zip(received, before, strict=True))
                 ),
-                90,
+                120,
             )
             assert (await http.post(f"/chat/stream/{first.message_id}/cancel")).status_code == 202
             results = await asyncio.wait_for(asyncio.gather(*readers), 60)
