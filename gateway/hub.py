@@ -146,10 +146,7 @@ class Subscriber:
         """
         while True:
             if self._pending:
-                batch, self._pending = self._pending, []
-                self._heartbeat_due = False
-                self.last_active = self._hub.now()
-                return batch
+                return self._take_pending()
             if self._gone:
                 raise MessageGone(f"message {self.message_id} expired or was deleted")
             if self._hub.draining:
@@ -171,10 +168,12 @@ class Subscriber:
         :meth:`next_batch` goes on from there."""
         if self._catching_up and not (self._closed or self._gone or self._hub.draining):
             self._catch_up_in_memory()
+        return self._take_pending() if self._pending else []
+
+    def _take_pending(self) -> list[Item]:
         batch, self._pending = self._pending, []
-        if batch:
-            self._heartbeat_due = False
-            self.last_active = self._hub.now()
+        self._heartbeat_due = False  # what is sent now counts as a sign of life
+        self.last_active = self._hub.now()
         return batch
 
     def close(self) -> None:
