@@ -160,19 +160,18 @@ class ScriptBatch:
     async def _round_trip(self, batch: list[_Call]) -> list[Any]:
         sha = self._sha
         assert sha is not None  # loaded by _run
+        replies: list[Any]
         if len(batch) == 1:  # a lone call: a pipeline's own work would be all cost
             call = batch[0]
             try:
-                reply = await self._redis.evalsha(sha, len(call.keys), *call.keys, *call.args)
+                replies = [await self._redis.evalsha(sha, len(call.keys), *call.keys, *call.args)]
             except ResponseError as exc:  # an error reply is this call's own result
-                reply = exc
-            self.calls += 1
-            self.round_trips += 1
-            return [reply]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in batch:
-                pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+                replies = [exc]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for call in batch:
+                    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+                replies = await pipe.execute(raise_on_error=False)
         self.calls += len(batch)
         self.round_trips += 1
         return replies
