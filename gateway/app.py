@@ -29,7 +29,7 @@ from gateway.errors import (
     handle_redis_error,
 )
 from gateway.hub import Hub
-from gateway.routes import ROUTES, STREAM_ROUTES, demo_page, handle_retry_later
+from gateway.routes import ROUTES, STREAM_ROUTES, WARM_ROUTES, demo_page, handle_retry_later
 from gateway.state import GatewayState
 from shared.live import LiveChannels
 from shared.redis_client import RedisConnector
@@ -95,6 +95,9 @@ def create_app(
         routes=routes,
         stream_routes=[*STREAM_ROUTES, *openai_api.STREAM_ROUTES],
         middleware=middleware,
+        warm_routes=[*WARM_ROUTES, *openai_api.WARM_ROUTES],
+        # What the middleware adds to each response, for those the gateway protocol writes.
+        warm_headers=lambda: [served_by()],
         lifespan=lifespan,
         exception_handlers={
             ApiError: handle_api_error,
@@ -111,15 +114,12 @@ class ServedBy:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.header: tuple[bytes, bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.header is None:  # here, not at import: each forked process has its own pid
-            self.header = (b"x-served-by", f"{socket.gethostname()}:{os.getpid()}".encode())
-        header = self.header
+        header = served_by()
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -127,6 +127,18 @@ class ServedBy:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+_served_by: dict[int, tuple[bytes, bytes]] = {}
+
+
+def served_by() -> tuple[bytes, bytes]:
+    """This process's ``X-Served-By`` header (per pid: each forked process has its own)."""
+    pid = os.getpid()
+    header = _served_by.get(pid)
+    if header is None:
+        header = _served_by[pid] = (b"x-served-by", f"{socket.gethostname()}:{pid}".encode())
+    return header
 
 
 def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:

@@ -8,7 +8,8 @@ transport, in the tail's own loop, with no task switch.
 
 This is available when uvicorn serves the request with its httptools protocol over HTTP/1.1
 with chunked encoding (the default in production): :class:`Gateway` finds the connection's
-transport behind the ``send`` it is given. Under any other server the body goes through ASGI
+transport behind the ``send`` it is given. The gateway's own protocol (gateway.protocol) writes
+the streams it answers this way too. Under any other server the body goes through ASGI
 ``send`` as before. Flow control is uvicorn's own: once the transport's buffer passes its high
 water mark the writer reports ``congested``, the subscriber stops taking live events, and it
 catches up from Redis when the client has drained it.
@@ -17,8 +18,8 @@ catches up from Redis when the client has drained it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -26,25 +27,36 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.stream_routes import StreamRoutes
 
+if TYPE_CHECKING:
+    from gateway.warm_routes import WarmRoute
+
 # The scope key under which the gateway leaves uvicorn's RequestResponseCycle for the response.
 EXTENSION = "tokenrelay.direct"
 _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
 
 class DirectWriter:
-    """The socket of one HTTP/1.1 response whose body uvicorn sends chunked."""
+    """The socket of one HTTP/1.1 response whose body is sent chunked: uvicorn's (made from its
+    request cycle) or the gateway protocol's own (gateway.protocol)."""
 
     __slots__ = ("_cycle", "_flow", "_transport")
 
-    def __init__(self, cycle: Any) -> None:
+    def __init__(self, transport: Any, flow: Any, cycle: Any = None) -> None:
         self._cycle = cycle
-        self._transport = cycle.transport
-        self._flow = cycle.flow
+        self._transport = transport
+        self._flow = flow
+
+    @classmethod
+    def of_cycle(cls, cycle: Any) -> DirectWriter:
+        """The writer of a response uvicorn's httptools protocol serves."""
+        return cls(cycle.transport, cycle.flow, cycle)
 
     @property
     def usable(self) -> bool:
         """The response was started chunked, and the client is still there."""
         cycle = self._cycle
+        if cycle is None:
+            return not self._transport.is_closing()
         return cycle.chunked_encoding is True and not cycle.disconnected
 
     @property
@@ -64,6 +76,7 @@ class DirectWriter:
     def holding(self) -> Iterator[Held]:
         """While in this block, what uvicorn writes for the response (its head, say) is kept
         in the :class:`Held` instead of sent, so that it can leave with the first events."""
+        assert self._cycle is not None, "only uvicorn's cycle writes a head to hold"
         held = Held(self._transport)
         self._cycle.transport = held
         try:
@@ -112,8 +125,21 @@ class Gateway(Starlette):
     when the server makes one possible, and serves them past its middleware stack (see
     gateway.stream_routes)."""
 
-    def __init__(self, *, stream_routes: Sequence[Route] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        stream_routes: Sequence[Route] = (),
+        warm_routes: Sequence[WarmRoute] = (),
+        warm_headers: Callable[[], list[tuple[bytes, bytes]]] = list,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        #: The stream GETs the gateway protocol may answer from memory, and the headers the
+        #: middleware would have added to those answers (see gateway.protocol).
+        self.warm_routes = list(warm_routes)
+        self.warm_headers = warm_headers
+        #: Streams the gateway protocol answered itself.
+        self.warm_answers = 0
         middleware = self.user_middleware
 
         def wrap(app: ASGIApp) -> ASGIApp:
@@ -141,4 +167,4 @@ class Gateway(Starlette):
 def writer_for(scope: Scope) -> DirectWriter | None:
     """The direct writer of this request, if the server offers one."""
     cycle = scope.get(EXTENSION)
-    return None if cycle is None else DirectWriter(cycle)
+    return None if cycle is None else DirectWriter.of_cycle(cycle)

@@ -24,6 +24,7 @@ from gateway.resume import MessageInfo
 from gateway.routes import cancel_chat, collect, start_point, stream_from
 from gateway.sse import EventStreamResponse
 from gateway.state import GatewayState
+from gateway.warm_routes import WarmRoute
 from shared.events import Event, Kind
 from shared.messages import Job, new_message_id, prompt_of, submit
 from shared.settings import Settings
@@ -319,6 +320,7 @@ class _Assembled:
 
 #: The long-lived GETs, served past the middleware stack (see gateway.stream_routes).
 STREAM_ROUTES = [Route("/v1/chat/completions/{message_id}/stream", get_stream, methods=["GET"])]
+WARM_ROUTES = [WarmRoute(b"/v1/chat/completions/", b"/stream", _renderer, retry_hint=False)]
 
 ROUTES = [
     Route("/v1/chat/completions", post_completions, methods=["POST"]),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from gateway.errors import ApiError
-from gateway.hub import Hub
+from gateway.hub import Hub, Subscriber
 from shared import keys
 from shared.events import ZERO_ID, EntryId, Event
 from shared.messages import CREATED_MS, END, INCLUDE_USAGE, MODEL, STATUS, WATCH_MS
@@ -47,15 +47,37 @@ async def locate(
     With ``hub``, a cursor among the latest events of a message this gateway follows is
     answered from memory (a reconnect storm then costs Redis nothing).
     """
-    tail = None if hub is None else hub.warm_tail(message_id)
-    if tail is not None and tail.info is not None:
-        if cursor is None or cursor == ZERO_ID:
-            return StartPoint(ZERO_ID, 0, tail.info)
-        event = tail.find(cursor)
-        if event is not None:
-            return None if event.kind.terminal else StartPoint(cursor, event.n + 1, tail.info)
+    if hub is not None:
+        start = from_memory(hub, message_id, cursor)
+        if not isinstance(start, _NotInMemory):
+            return start
     # The subscriber this start point is for leaves the info with the tail.
     return await _locate(redis, message_id, cursor, not_found)
+
+
+class _NotInMemory:
+    """The answer of :func:`from_memory` when only Redis can tell."""
+
+    __slots__ = ()
+
+
+NOT_IN_MEMORY = _NotInMemory()
+
+
+def from_memory(
+    hub: Hub, message_id: str, cursor: EntryId | None
+) -> StartPoint | _NotInMemory | None:
+    """What :func:`locate` answers for a message this gateway follows, when the cursor is among
+    the latest events it holds (or there is none); :data:`NOT_IN_MEMORY` otherwise."""
+    tail = hub.warm_tail(message_id)
+    if tail is None or tail.info is None:
+        return NOT_IN_MEMORY
+    if cursor is None or cursor == ZERO_ID:
+        return StartPoint(ZERO_ID, 0, tail.info)
+    event = tail.find(cursor)
+    if event is None:
+        return NOT_IN_MEMORY
+    return None if event.kind.terminal else StartPoint(cursor, event.n + 1, tail.info)
 
 
 async def _locate(
@@ -93,3 +115,14 @@ async def _locate(
         if cursor < oldest.id and oldest.n > 0:
             return StartPoint(cursor, None, info)
     raise ApiError(400, f"Last-Event-ID {cursor} is not an event of message {message_id}")
+
+
+def follow(hub: Hub, message_id: str, start: StartPoint) -> Subscriber:
+    """A subscriber of ``message_id`` from ``start`` on."""
+    return hub.subscribe(
+        message_id,
+        after=start.after,
+        next_n=start.next_n,
+        watch_ms=start.info.watch_ms,
+        info=start.info,
+    )

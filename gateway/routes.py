@@ -15,9 +15,10 @@ from gateway.errors import ApiError, RetryLater
 from gateway.hub import Draining, Gap, MessageGone, Subscriber
 from gateway.render import Renderer, SeedRenderer
 from gateway.requests import accepts, parse_chat_request, read_json_object, resume_cursor
-from gateway.resume import StartPoint, locate
+from gateway.resume import StartPoint, follow, locate
 from gateway.sse import EventStreamResponse, RetryLaterResponse, close_on_disconnect
 from gateway.state import GatewayState
+from gateway.warm_routes import WarmRoute
 from shared.events import Event, Kind
 from shared.messages import Job, is_message_id, new_message_id, request_cancel, submit
 
@@ -128,13 +129,7 @@ def stream_from(
 ) -> Response:
     """An event stream of ``message_id`` from ``start`` (with a ``retry:`` hint first, or not)."""
     state = GatewayState.of(request)
-    subscriber = state.hub.subscribe(
-        message_id,
-        after=start.after,
-        next_n=start.next_n,
-        watch_ms=start.info.watch_ms,
-        info=start.info,
-    )
+    subscriber = follow(state.hub, message_id, start)
     retry_ms = state.settings.retry_ms if retry_hint else None
     return EventStreamResponse(subscriber, renderer, retry_ms=retry_ms)
 
@@ -201,6 +196,8 @@ def demo_page(html: bytes) -> Route:
 
 #: The long-lived GETs, served past the middleware stack (see gateway.stream_routes).
 STREAM_ROUTES = [Route("/chat/stream/{message_id}", get_chat, methods=["GET"])]
+#: The same GETs, as the gateway protocol answers them from memory (see gateway.protocol).
+WARM_ROUTES = [WarmRoute(b"/chat/stream/", b"", lambda m, _: SeedRenderer(m), retry_hint=True)]
 
 ROUTES = [
     Route("/chat/stream", post_chat, methods=["POST"]),

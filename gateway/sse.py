@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -31,6 +32,11 @@ def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
 _RAW_HEADERS = _encoded({"Content-Type": SSE_MEDIA_TYPE, **SSE_HEADERS})
 
 
+def event_stream_headers(message_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers of an event stream of ``message_id``."""
+    return [*_RAW_HEADERS, (b"x-message-id", message_id.encode())]
+
+
 class EventStreamResponse(Response):
     """Streams a subscriber's items until the terminal event, a disconnect, or a failure.
 
@@ -54,7 +60,7 @@ class EventStreamResponse(Response):
         self.status_code = 200
         self.background = None
         # X-Message-Id: the id to resume with, for clients that did not choose it.
-        self.raw_headers = [*_RAW_HEADERS, (b"x-message-id", subscriber.message_id.encode())]
+        self.raw_headers = event_stream_headers(subscriber.message_id)
         self._subscriber = subscriber
         self._render = render
         # OpenAI-format clients (the openai package among them) take a frame without data for
@@ -63,30 +69,22 @@ class EventStreamResponse(Response):
         self._retry_ms = retry_ms or 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        subscriber = self._subscriber
+        subscriber, render, retry_ms = self._subscriber, self._render, self._retry_ms
         watcher = asyncio.ensure_future(close_on_disconnect(receive, subscriber))
-        last_words = b""  # what a stream that ends before its terminal event says last
         try:
             writer = writer_for(scope)
             if writer is None:
                 await self._start(send)
-                await self._stream(send)
+                last_words = await until_the_end(self._stream(send), render, retry_ms)
             else:
                 with writer.holding() as head:
                     await self._start(send)
                 if writer.usable:
-                    await self._stream_direct(writer, head.data)
+                    following = stream_direct(subscriber, render, writer, head.data)
+                    last_words = await until_the_end(following, render, retry_ms)
                 else:  # a HEAD request, or the client left: uvicorn's send takes the rest
                     writer.write(head.data)
-                    await self._stream(send)
-        except Draining:
-            last_words = self._render.draining(self._retry_ms)
-        except MessageGone as exc:
-            _log.warning("stream of %s ended: %s", subscriber.message_id, exc)
-            last_words = self._render.lost()
-        except RedisError as exc:
-            _log.warning("stream of %s ended early: %s", subscriber.message_id, exc)
-            last_words = self._render.interrupted(type(exc).__name__)
+                    last_words = await until_the_end(self._stream(send), render, retry_ms)
         finally:
             subscriber.close()
             watcher.cancel()
@@ -107,30 +105,55 @@ class EventStreamResponse(Response):
             if body:  # events without a frame in this format render to nothing
                 await send({"type": "http.response.body", "body": body, "more_body": True})
 
-    async def _stream_direct(self, writer: DirectWriter, head: bytes) -> None:
-        """Catch-up batches and heartbeats written here; live events by the tail (the sink).
 
-        ``head`` (status, headers, retry hint) leaves together with what the client missed,
-        when this gateway has that in memory: one write, and one packet for the client.
-        """
-        subscriber, render = self._subscriber, self._render
-        subscriber.sink = _DirectSink(writer, render)
-        # No await from here to the write: the tail writes live events only after it.
-        missed = subscriber.ready_now()
-        body = render(missed) if missed else b""
-        writer.write(head + chunk(body) if body else head)
+async def until_the_end(
+    streaming: Coroutine[Any, Any, None], render: Renderer, retry_ms: int
+) -> bytes:
+    """Await ``streaming`` (a subscriber's items going out); what a stream it ended early says
+    last (``b""`` after the terminal event or a disconnect).
+
+    A stream that ends without its terminal event (Redis failed, the message vanished, the
+    gateway drains) makes the client reconnect after the ``retry:`` hint, and the reconnect
+    gets the right answer.
+    """
+    try:
+        await streaming
+    except Draining:
+        return render.draining(retry_ms)
+    except MessageGone as exc:
+        _log.warning("stream of %s ended: %s", render.message_id, exc)
+        return render.lost()
+    except RedisError as exc:
+        _log.warning("stream of %s ended early: %s", render.message_id, exc)
+        return render.interrupted(type(exc).__name__)
+    return b""
+
+
+async def stream_direct(
+    subscriber: Subscriber, render: Renderer, writer: DirectWriter, head: bytes
+) -> None:
+    """Catch-up batches and heartbeats written here; live events by the tail (the sink).
+
+    ``head`` (status, headers, retry hint) leaves together with what the client missed,
+    when this gateway has that in memory: one write, and one packet for the client.
+    """
+    subscriber.sink = _DirectSink(writer, render)
+    # No await from here to the write: the tail writes live events only after it.
+    missed = subscriber.ready_now()
+    body = render(missed) if missed else b""
+    writer.write(head + chunk(body) if body else head)
+    if writer.congested:
+        await writer.drained()
+    while (items := await subscriber.next_batch()) is not None:
+        if not writer.usable:
+            return  # the client left (its disconnect closes the subscriber too)
+        # No await between next_batch() and this write: a live event the tail writes
+        # directly can only come after it.
+        body = render(items) if items else render.heartbeat
+        if body:
+            writer.write(chunk(body))
         if writer.congested:
             await writer.drained()
-        while (items := await subscriber.next_batch()) is not None:
-            if not writer.usable:
-                return  # the client left (the disconnect watcher closes the subscriber too)
-            # No await between next_batch() and this write: a live event the tail writes
-            # directly can only come after it.
-            body = render(items) if items else render.heartbeat
-            if body:
-                writer.write(chunk(body))
-            if writer.congested:
-                await writer.drained()
 
 
 class _DirectSink:

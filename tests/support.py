@@ -8,6 +8,7 @@ import io
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import fakeredis
 import httpx
@@ -16,6 +17,7 @@ from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.hub import Hub
+from gateway.protocol import GatewayProtocol
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 from worker import service
@@ -122,11 +124,20 @@ async def run_worker(
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port inside the test's loop; yield its URL."""
+async def serve(app: Starlette, *, http: Any = GatewayProtocol) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port inside the test's loop; yield its URL.
+
+    ``http`` is uvicorn's protocol: the gateway's, as in production, unless a test asks for
+    uvicorn's own ("httptools").
+    """
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        http=http,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
@@ -150,10 +161,12 @@ async def start_stack(
     worker: bool = True,
     embedded: fakeredis.FakeServer | None = None,
     linger_s: float | None = None,
+    http: Any = GatewayProtocol,
 ) -> AsyncIterator[Stack]:
-    """Start a gateway on a free port (and a worker unless ``worker=False``)."""
+    """Start a gateway on a free port (and a worker unless ``worker=False``); ``http``: see
+    :func:`serve`."""
     app = create_app(settings, lambda: RedisConnector(settings, embedded=embedded), demo=True)
-    async with serve(app) as url:
+    async with serve(app, http=http) as url:
         stack = Stack(url, app, settings)
         if linger_s is not None:
             stack.hub.linger_s = linger_s
