@@ -27,16 +27,10 @@ from gateway.app import create_app
 from shared import keys
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
+from tokenrelay.stack import free_port
 from worker import service
 
 _READS = ("xrange", "xrevrange", "xread")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _server_pid(port: int) -> int | None:
@@ -54,7 +48,7 @@ def _server_pid(port: int) -> int | None:
 @contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     """A throw-away redis-server on a free port."""
-    port = _free_port()
+    port = free_port()
     workdir = tempfile.mkdtemp(prefix="tokenrelay-bench-")
     binary = shutil.which("redis-server") or "redis-server"
     args = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", workdir]
@@ -77,7 +71,7 @@ def private_redis() -> Iterator[str]:
 @contextlib.asynccontextmanager
 async def gateway(settings: Settings) -> AsyncIterator[str]:
     app = create_app(settings, lambda: RedisConnector(settings))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     for _ in range(1000):

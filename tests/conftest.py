@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.settings import Settings
-from tests.support import Stack, free_port, start_stack
-from tokenrelay.stack import redis_server_argv
+from tests.support import Stack, start_stack
+from tokenrelay.stack import free_port, redis_server_argv
 from worker.script_batch import ScriptBatch
 from worker.stream_writer import append_batch
 

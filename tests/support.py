@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from gateway.hub import Hub
 from gateway.protocol import GatewayProtocol
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
+from tokenrelay.stack import free_port
 from worker import service
 
 
@@ -82,13 +82,6 @@ async def bounded(task: asyncio.Task[None], what: str, timeout_s: float = 20.0) 
         pending.print_stack(file=stacks)
     task.cancel()
     raise AssertionError(f"{what} took over {timeout_s} s; pending tasks:\n{stacks.getvalue()}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

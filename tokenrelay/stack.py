@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -127,26 +128,57 @@ async def local_stack(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# Ports this process has handed out: two calls in a row must not return the same free port.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free on loopback right now."""
+    """A loopback port free right now, for a server about to be started on it.
+
+    It is chosen below the kernel's ephemeral range. A port from that range can become the
+    local end of any outgoing connection (a worker's to Redis, a client's to haproxy) between
+    this check and the server's bind, and the server then dies of "address already in use".
+    """
+    return free_port_block(0)
+
+
+def free_port_block(count: int) -> int:
+    """A free base port such that base+1 .. base+count are free too (the gateways' ports)."""
+    below = _below_ephemeral()
+    for _ in range(200):
+        base = random.randrange(below[0], below[1] - count) if below else _any_free_port()
+        block = range(base, base + count + 1)
+        if _handed_out.intersection(block) or not all(map(_bindable, block)):
+            continue
+        _handed_out.update(block)
+        return base
+    raise RuntimeError("found no block of free ports")
+
+
+def _below_ephemeral() -> tuple[int, int] | None:
+    """The unprivileged ports below the ephemeral range, or None where there are too few."""
+    try:
+        text = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # not Linux: assume Linux's default range
+    return (1024, low) if low - 1024 >= 1000 else None
+
+
+def _any_free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def free_port_block(count: int) -> int:
-    """A base port such that base+1 .. base+count are free right now (gateways' ports)."""
-    for _ in range(50):
-        base = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for offset in range(1, count + 1):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", base + offset))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("found no block of free ports")
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def redis_server_argv(binary: str, port: int, workdir: str) -> list[str]:

@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from shared.settings import Settings
-from tests.support import SseEvent, free_port, parse_sse, read_stream, start_stack
+from tests.support import SseEvent, parse_sse, read_stream, start_stack
+from tokenrelay.stack import free_port
 from worker.backends.mock import mock_text
 
 

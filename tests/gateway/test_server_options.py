@@ -14,7 +14,8 @@ from starlette.routing import Route
 
 from gateway.server_options import uvicorn_options
 from shared.settings import Settings
-from tests.support import bounded, free_port
+from tests.support import bounded
+from tokenrelay.stack import free_port
 
 
 async def _one_request(settings: Settings) -> None:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from shared.settings import settings_table
-from tests.support import free_port, parse_sse
+from tests.support import parse_sse
+from tokenrelay.stack import free_port
 from worker.backends.mock import mock_text
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pathlib
+import random
 import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
-from tests.support import CuttingProxy, free_port
+from tests.support import CuttingProxy
 from tokenrelay.client import (
     Chunk,
     MessageStream,
@@ -21,7 +24,7 @@ from tokenrelay.client import (
     StreamFailed,
     TokenrelayClient,
 )
-from tokenrelay.stack import LocalStack, free_port_block, local_stack
+from tokenrelay.stack import LocalStack, free_port, free_port_block, local_stack
 from tokenrelay.topology import Topology
 from worker.backends.mock import mock_text
 
@@ -259,3 +262,37 @@ async def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    # An outgoing connection can take any port of the ephemeral range as its local end between
+    # the check and a server's bind; below the range, only another listener can.
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(100)]
+    base = free_port_block(3)
+    block = range(base, base + 4)
+    assert len(set(ports)) == len(ports)
+    assert not set(ports) & set(block)
+    for port in [*ports, *block]:
+        assert 1024 <= port < low
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_something_listens_on_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: list[int] = []
+    real = random.randrange
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy: int = taken.getsockname()[1]
+
+        def draw(*bounds: int) -> int:
+            # The first draw lands on the busy port; the rest are random as usual.
+            draws.append(busy if not draws else real(*bounds))
+            return draws[-1]
+
+        monkeypatch.setattr(random, "randrange", draw)
+        port = free_port()
+    assert draws[0] == busy
+    assert port == draws[-1] != busy

@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 from shared.messages import prompt_of
 from shared.settings import Settings
-from tests.support import Stack, free_port, parse_sse, read_stream, serve, start_stack
+from tests.support import Stack, parse_sse, read_stream, serve, start_stack
+from tokenrelay.stack import free_port
 from worker.backends.mock import mock_text
 
 TOOL_CHUNKS: list[dict[str, Any]] = [

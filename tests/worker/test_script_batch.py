@@ -16,7 +16,7 @@ from shared import keys
 from shared.events import ZERO_ID, Kind
 from shared.messages import Job, new_message_id, submit
 from shared.streams import read_after
-from tests.support import free_port
+from tokenrelay.stack import free_port
 from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
