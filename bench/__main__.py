@@ -17,6 +17,7 @@ import asyncio
 import datetime
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def main() -> int:
     document = {
         "started": started.isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "build": _build(),
         "machine": _machine(),
         "rounds": rounds,
         "summary": rows,
@@ -158,6 +160,25 @@ def main() -> int:
         for path in report.charts(rows, args.out):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _build() -> dict[str, Any] | None:
+    """The commit measured, and whether the tree had changes on top of it: figures are only
+    worth as much as knowing what produced them."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"not recording the build: {error}", file=sys.stderr)
+        return None
+    return {"commit": commit, "changed": bool(status.strip())}
 
 
 def _machine() -> dict[str, Any]:
