@@ -163,14 +163,15 @@ def main() -> int:
 
 
 def _build() -> dict[str, Any] | None:
-    """The commit measured, and whether the tree had changes on top of it: figures are only
-    worth as much as knowing what produced them."""
+    """The commit measured, and whether the tree had changes on top of it (outside ``docs/``,
+    where the results themselves go): figures are only worth as much as knowing what produced
+    them."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"],
             capture_output=True,
             text=True,
             check=True,

@@ -15,7 +15,7 @@ def _git(cwd: Path, *argv: str) -> str:
     return done.stdout.strip()
 
 
-def test_the_build_names_the_commit_and_whether_the_tree_had_changes(
+def test_the_build_names_the_commit_and_whether_the_code_had_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _git(tmp_path, "init", "-q")
@@ -23,6 +23,12 @@ def test_the_build_names_the_commit_and_whether_the_tree_had_changes(
     _git(tmp_path, "add", "f")
     _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     monkeypatch.chdir(tmp_path)
+    assert _build() == {"commit": _git(tmp_path, "rev-parse", "HEAD"), "changed": False}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("a run")
+    _git(tmp_path, "add", "docs")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    (tmp_path / "docs" / "results.md").write_text("the next run")
     assert _build() == {"commit": _git(tmp_path, "rev-parse", "HEAD"), "changed": False}
     (tmp_path / "f").write_text("two")
     assert _build() == {"commit": _git(tmp_path, "rev-parse", "HEAD"), "changed": True}
