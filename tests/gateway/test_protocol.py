@@ -114,6 +114,12 @@ async def _warm(
         yield stack, message, await message.tokens(tokens)
 
 
+def _heard(stack: Stack, message_id: str) -> str | None:
+    """The last entry id the gateway's tail of ``message_id`` holds, if it is warm."""
+    tail = stack.hub.warm_tail(message_id)
+    return None if tail is None else str(tail.last_id)
+
+
 def _gateway(stack: Stack) -> Gateway:
     assert isinstance(stack.app, Gateway)
     return stack.app
@@ -147,6 +153,11 @@ async def test_a_resume_from_memory_gets_the_bytes_the_application_sends(
     ):
         ids = await message.tokens(6)
         await message.writer.append(Kind.DONE, b"")
+        # Both answer once the end is in their memory: before, the one would write it with the
+        # catch-up and the other after it, in a chunk of its own.
+        end = (await message.tokens(0))[-1]
+        await eventually(lambda: _heard(ours, message.message_id) == end)
+        await eventually(lambda: _heard(uvicorns, message.message_id) == end)
         target = path.format(id=message.message_id, cursor=ids[2])
         lines = [header.format(cursor=ids[2]) for header in headers]
         for stack in (ours, uvicorns):
