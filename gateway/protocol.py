@@ -375,7 +375,7 @@ class GatewayProtocol(asyncio.Protocol):
             pending, self._received = self._received, b""
             self.data_received(pending)
         else:
-            self._idle = self._loop.call_later(self._config.timeout_keep_alive, self._close)
+            self._await_request()
 
     def _hand_over(self, received: bytes) -> None:
         """Let uvicorn's own protocol serve this connection from here, starting with
@@ -393,9 +393,10 @@ class GatewayProtocol(asyncio.Protocol):
         _take_over(protocol, transport, flow.write_paused)
         protocol.data_received(received)
 
-    def _taken_back(self) -> None:
-        """uvicorn's protocol hands the connection back between requests: wait for the next
-        one as uvicorn would."""
+    def _await_request(self) -> None:
+        """Wait for the next request on a kept-alive connection as uvicorn would: closed when
+        none comes within its keep-alive timeout (after a stream, or when uvicorn's protocol
+        hands the connection back between requests)."""
         self._idle = self._loop.call_later(self._config.timeout_keep_alive, self._close)
 
     def _fail(self) -> None:
@@ -466,7 +467,7 @@ class _UvicornProtocol(HttpToolsProtocol):
         self.connections.discard(self)
         protocol = GatewayProtocol(self.config, self.server_state, self.app_state, _loop=self.loop)
         _take_over(protocol, self.transport, self.flow.write_paused)
-        protocol._taken_back()
+        protocol._await_request()
 
 
 def _take_over(
