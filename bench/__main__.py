@@ -19,13 +19,15 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench import report, systems
+from bench import report, servers, systems
 from bench.workloads import Workload, run
+from shared import open_files
 
 _OUT = Path(__file__).resolve().parent.parent / "docs" / "bench"
 
@@ -35,6 +37,9 @@ _RESUMING = ["tokenrelay", "nchan", "naive", "floor"]
 _STORMING = ["tokenrelay", "tokenrelay+coalescing", "nchan", "naive", "floor"]
 # The optional peer (Node.js and npm): in the full plan only, where A-D and M run on it too.
 _OPTIONAL = ["resumable-stream"]
+# The chat-like workload on a 3+3 Redis Cluster too: Redis CPU per append, each shard's share,
+# and what durable mode costs.
+_CLUSTER = ["tokenrelay-cluster", "tokenrelay-cluster-durable"]
 
 
 def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
@@ -49,14 +54,16 @@ def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
     streaming, resuming, storming = (
         [*names, *_OPTIONAL] for names in (_STREAMING, _RESUMING, _STORMING)
     )
+    chat = [*streaming, *_CLUSTER]
     return [
         *((Workload("A", n, tokens=500), streaming) for n in (100, 1000)),
         # 5,000 x 100 tokens/s would be 500,000 writes/s: past one core for every system.
         (Workload("A", 5000, rate=20, tokens=200), streaming),
         (Workload("A", 10_000, rate=20, tokens=200), ["tokenrelay", "tokenrelay+coalescing"]),
-        (Workload("B", 100, streams=100, rate=20, tokens=100, churn_every=30), resuming),
-        (Workload("B", 1000, streams=1000, rate=5, tokens=40, churn_every=15), resuming),
-        (Workload("B", 5000, streams=5000, rate=1, tokens=10, churn_every=4), resuming),
+        # B with the default coalescing too, as chats run by default.
+        (Workload("B", 100, streams=100, rate=20, tokens=100, churn_every=30), chat),
+        (Workload("B", 1000, streams=1000, rate=5, tokens=40, churn_every=15), chat),
+        (Workload("B", 5000, streams=5000, rate=1, tokens=10, churn_every=4), chat),
         *((Workload("C", n, rate=20, tokens=200, storm_at=2.0), storming) for n in (1000, 5000)),
         (Workload("D", 1000, tokens=500, slow_fraction=0.1), resuming),
         (Workload("M", 2000), resuming),
@@ -64,7 +71,11 @@ def plan(quick: bool) -> list[tuple[Workload, list[str]]]:
 
 
 async def bench(
-    rounds: int, quick: bool, only: set[str] | None, kinds: str | None = None
+    rounds: int,
+    quick: bool,
+    only: set[str] | None,
+    kinds: str | None = None,
+    refs: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
@@ -72,6 +83,8 @@ async def bench(
             if kinds is not None and workload.kind not in kinds:
                 continue
             names = [n for n in names if only is None or n in only]
+            for ref in refs:
+                names = systems.with_ref(names, ref)
             shift = round_ % len(names) if names else 0
             for name in names[shift:] + names[:shift]:
                 print(f"round {round_ + 1}/{rounds}: {workload.label} on {name}", file=sys.stderr)
@@ -106,6 +119,7 @@ async def smoke() -> int:
 
 
 def main() -> int:
+    open_files.raise_limit()  # thousands of clients, from this process and the servers it starts
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a reduced plan, under 2 minutes")
@@ -120,10 +134,17 @@ def main() -> int:
         default=None,
         help="only these workload kinds (letters, e.g. A or AC); results go to results-<kinds>",
     )
+    parser.add_argument(
+        "--ref",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="also run the gateway of this git ref (a worktree) beside every tokenrelay system",
+    )
     parser.add_argument("--out", type=Path, default=_OUT, help="where JSON and charts go")
     args = parser.parse_args()
-    if systems.LOAD_CORE is not None:
-        os.sched_setaffinity(0, {systems.LOAD_CORE})  # the publisher shares the load's core
+    if servers.LOAD_CORE is not None:
+        os.sched_setaffinity(0, {servers.LOAD_CORE})  # the publisher shares the load's core
     if args.smoke:
         return asyncio.run(smoke())
     if args.replot:
@@ -134,7 +155,7 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     only = set(args.systems.split(",")) if args.systems else None
     started = datetime.datetime.now(datetime.UTC)
-    runs = asyncio.run(bench(rounds, args.quick, only, args.kinds))
+    runs = asyncio.run(bench(rounds, args.quick, only, args.kinds, args.ref))
     rows = report.summarise(runs)
     table = report.markdown(rows) + report.failures(runs)
     print(table)
@@ -146,6 +167,7 @@ def main() -> int:
         "started": started.isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "build": _build(),
+        "refs": {ref: systems.resolve(ref) for ref in args.ref},
         "machine": _machine(),
         "rounds": rounds,
         "summary": rows,
@@ -193,8 +215,8 @@ def _machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "server_core": systems.SERVER_CORE,
-        "load_core": systems.LOAD_CORE,
+        "server_core": servers.SERVER_CORE,
+        "load_core": servers.LOAD_CORE,
     }
 
 

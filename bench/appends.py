@@ -29,21 +29,23 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from bench import procstat
-from bench.systems import LOAD_CORE, _redis_server
+from bench.servers import LOAD_CORE, redis_server
 from shared import keys
 from shared.events import Kind
 from shared.messages import Job, new_message_id, submit
+from shared.settings import Settings
 from worker.script_batch import ScriptCall
 from worker.stream_writer import APPEND_SCRIPT, StreamWriter, append_batch
 
 _TTL_MS = 600_000
+_PARTITIONS = Settings.from_env({}).job_partitions
 
 
 async def _messages(redis: Redis, streams: int) -> list[str]:
     message_ids = []
     for _ in range(streams):
         job = Job(message_id=new_message_id(), prompt="bench", max_tokens=1)
-        await submit(redis, job, ttl_ms=_TTL_MS, model="bench")
+        await submit(redis, job, ttl_ms=_TTL_MS, model="bench", partitions=_PARTITIONS)
         message_ids.append(job.message_id)
     return message_ids
 
@@ -66,7 +68,7 @@ async def _listen(message_ids: list[str], port: int) -> asyncio.Task[None]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for message_id in message_ids:
         channel = keys.message_channel(message_id).encode()
-        writer.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%b\r\n" % (len(channel), channel))
+        writer.write(b"*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%b\r\n" % (len(channel), channel))
     await writer.drain()
 
     async def drain() -> None:
@@ -94,7 +96,7 @@ async def _measure(
 async def compare(streams: int, events: int) -> dict[str, float]:
     workdir = tempfile.mkdtemp(prefix="bench-appends-")
     try:
-        async with _redis_server(workdir) as (redis, redis_pid):
+        async with redis_server(workdir) as (redis, redis_pid):
             port = int(redis.connection_pool.connection_kwargs["port"])
             message_ids = await _messages(redis, streams)
             listener = await _listen(message_ids, port)

@@ -37,13 +37,14 @@ def program(name: str) -> Path:
 _NODE_SOURCES = Path(__file__).parent / "node"
 
 
-def node_script(name: str) -> Path:
-    """The path of ``bench/node/<name>`` in a directory with its npm packages installed
-    (``bench/node/package-lock.json``, installed once per version of the sources)."""
+def node_script(name: str, sources_dir: Path = _NODE_SOURCES) -> Path:
+    """The path of ``<sources_dir>/<name>`` (``bench/node`` by default) in a directory with
+    its npm packages installed (its ``package-lock.json``, installed once per version of the
+    sources)."""
     npm = shutil.which("npm")
     if npm is None or shutil.which("node") is None:
-        raise RuntimeError("the resumable-stream peer needs Node.js and npm")
-    sources = sorted(_NODE_SOURCES.glob("*.*"))
+        raise RuntimeError(f"{name} needs Node.js and npm")
+    sources = sorted(sources_dir.glob("*.*"))
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")

@@ -24,10 +24,11 @@ import uvicorn
 from redis.asyncio import Redis
 
 from gateway.app import create_app
+from gateway.server import served, uvicorn_options
 from shared import keys
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
-from tokenrelay.stack import free_port
+from tokenrelay.local_redis import free_port
 from worker import service
 
 _READS = ("xrange", "xrevrange", "xread")
@@ -72,7 +73,8 @@ def private_redis() -> Iterator[str]:
 async def gateway(settings: Settings) -> AsyncIterator[str]:
     app = create_app(settings, lambda: RedisConnector(settings))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    options = uvicorn_options(settings, "127.0.0.1", port) | {"log_level": "warning"}
+    server = uvicorn.Server(uvicorn.Config(served(app), **options))
     task = asyncio.create_task(server.serve())
     for _ in range(1000):
         if server.started:
@@ -95,7 +97,7 @@ async def _read(client: httpx.AsyncClient, path: str, opened: asyncio.Event) -> 
 
 
 async def measure(url: str, subscribers: int, tokens: int) -> dict[str, object]:
-    settings = Settings(redis_url=url, coalesce_ms=0, mock_token_delay_ms=2)
+    settings = Settings(redis_url=url, coalesce_ms=0, mock_token_delay_ms=2, auth="off")
     redis = Redis.from_url(url)
     await redis.flushall()
     async with gateway(settings) as base, httpx.AsyncClient(base_url=base, timeout=60) as client:

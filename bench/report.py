@@ -15,6 +15,8 @@ Run = dict[str, Any]
 FIGURES = (
     "cpu_us_per_token",
     "redis_cpu_us_per_token",
+    "redis_cpu_us_per_write",
+    "replicas_cpu_us_per_write",
     "cpu_us_per_event",
     "tokens_per_s",
     "latency_p50_ms",

@@ -21,7 +21,8 @@ import time
 import httpx
 
 from tokenrelay.client import Chunk, TokenrelayClient
-from tokenrelay.stack import free_port, free_port_block, local_stack
+from tokenrelay.local_redis import free_port, free_port_block
+from tokenrelay.stack import local_stack
 from tokenrelay.topology import Topology
 
 
@@ -51,7 +52,8 @@ async def main(clients: int, gateways: int) -> None:
         ) -> None:
             last = seen[index][-1] if seen[index] else None
             async for piece in client.follow(message_id, last_event_id=last):
-                assert isinstance(piece, Chunk)
+                if not isinstance(piece, Chunk):
+                    raise RuntimeError(f"the answer was restarted ({piece}): not a storm to time")
                 seen[index].append(piece.event_id)
                 if target is not None and piece.event_id == target and not done_at:
                     done_at.append(time.monotonic())

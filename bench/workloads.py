@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from bench import native, procstat
-from bench.systems import LOAD_CORE, Publisher, Running, System
+from bench.servers import LOAD_CORE, Publisher, Running, System, command_counts, reset_stats
 
 _SETTLE_S = 1.0
 
@@ -118,7 +118,8 @@ async def _start_loadgen(
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    assert process.stderr is not None
+    if process.stderr is None:
+        raise RuntimeError("the load generator was started without a pipe to its stderr")
     try:
         line = await asyncio.wait_for(process.stderr.readline(), 120)
     except TimeoutError:
@@ -146,11 +147,12 @@ async def _measured(
         await asyncio.sleep(_SETTLE_S)
         server = procstat.family(running.server_pid)  # uvicorn/nginx workers are up by now
         if running.redis is not None:
-            await running.redis.config_resetstat()
+            await reset_stats(running.redis)
         per_process0 = {pid: procstat.cpu_ns([pid]) for pid in server}
-        redis0 = procstat.cpu_ns([running.redis_pid]) if running.redis_pid else 0
+        redis0 = procstat.cpu_ns(running.redis_pids)
+        replicas0 = procstat.cpu_ns(running.replica_pids)
         wall0 = time.monotonic()
-        writes0 = running.publisher.writes
+        writes0, renewals0 = running.publisher.writes, running.publisher.renewals
         drive_s = await drive(
             running.publisher, workload.streams, workload.rate, workload.tokens, plant=plant
         )
@@ -158,10 +160,13 @@ async def _measured(
         wall = time.monotonic() - wall0
         per_process = [procstat.cpu_ns([pid]) - ns for pid, ns in per_process0.items()]
         cpu = sum(per_process)
-        redis_cpu = (procstat.cpu_ns([running.redis_pid]) - redis0) if running.redis_pid else 0
+        redis_cpu = procstat.cpu_ns(running.redis_pids) - redis0
+        replicas_cpu = procstat.cpu_ns(running.replica_pids) - replicas0
         rss = procstat.rss_bytes(server)
         writes = running.publisher.writes - writes0
-        commands = await _gateway_commands(running, writes)
+        renewals = running.publisher.renewals - renewals0
+        shards = await command_counts(running.redis) if running.redis is not None else {}
+        commands = _gateway_commands(running, shards, writes, renewals)
     finally:
         if loadgen.returncode is None:
             loadgen.kill()
@@ -172,16 +177,23 @@ async def _measured(
         system, workload, result, cpu, redis_cpu, wall, drive_s, rss, commands, writes
     )
     figures["cpu_s_by_process"] = [ns / 1e9 for ns in per_process]
+    figures["redis_cpu_us_per_write"] = redis_cpu / 1000 / writes if writes else math.nan
+    if running.replica_pids:
+        figures["replicas_cpu_us_per_write"] = replicas_cpu / 1000 / writes if writes else 0
+    if len(shards) > 1:  # each primary's share of every command served
+        total = sum(shards.values()) or 1
+        figures["shard_shares"] = sorted(calls / total for calls in shards.values())
     return figures
 
 
-async def _gateway_commands(running: Running, writes: int) -> int | None:
+def _gateway_commands(
+    running: Running, shards: dict[str, int], writes: int, renewals: int
+) -> int | None:
     """Commands the gateway sent Redis during the run (all minus the publisher's appends)."""
     if running.redis is None:
         return None
-    stats: dict[str, Any] = await running.redis.info("commandstats")
-    calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-    return max(0, calls - running.commands_per_write * writes)
+    own = running.commands_per_write * writes + (2 * renewals if running.commands_per_write else 0)
+    return max(0, sum(shards.values()) - own)
 
 
 def _figures(

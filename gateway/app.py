@@ -1,4 +1,5 @@
-"""The Starlette application: routes, JSON errors, a lifespan that owns every client and task."""
+"""The Starlette application: its routes, its middleware, JSON errors, and a lifespan that owns
+every client and task of the process."""
 
 from __future__ import annotations
 
@@ -7,35 +8,53 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from types import FrameType
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import gc_policy, openai_api
-from gateway.direct import Gateway
-from gateway.errors import (
-    ApiError,
-    RetryLater,
-    handle_api_error,
-    handle_http_exception,
-    handle_redis_error,
-)
+from gateway.access import Access
+from gateway.admission import Admission
+from gateway.errors import ApiError, RetryLater, in_openai_terms
+from gateway.http_wire import common_headers, log_access
 from gateway.hub import Hub
-from gateway.routes import ROUTES, STREAM_ROUTES, WARM_ROUTES, demo_page, handle_retry_later
-from gateway.state import GatewayState
-from shared.live import LiveChannels
-from shared.redis_client import RedisConnector
+from gateway.idempotency import Idempotency
+from gateway.metrics import GatewayMetrics
+from gateway.responses import RetryLaterResponse, error_response, is_openai_path
+from gateway.routes import routes
+from gateway.state import STATE, GatewayState
+from shared import metrics as shared_metrics
+from shared.api_keys import read_key_file
+from shared.live import ShardedChannels
+from shared.redis_client import RedisConnector, is_closed_transport
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
+#: Response headers a page on an allowed origin may read.
+_EXPOSED_HEADERS = [
+    "x-message-id",
+    "x-message-token",
+    "x-message-read-token",
+    "x-served-by",
+    "retry-after",
+    "idempotent-replayed",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+]
 #: CLIENT SETNAME of a gateway's subscribed connection.
 LIVE_CONNECTION_NAME = "tokenrelay-gateway-live"
 
@@ -43,15 +62,32 @@ LIVE_CONNECTION_NAME = "tokenrelay-gateway-live"
 def create_app(
     settings: Settings, connector: Callable[[], RedisConnector], *, demo: bool = False
 ) -> Starlette:
-    """The gateway app. ``connector`` is called in the lifespan to create this process's clients."""
+    """The gateway app. ``connector`` is called in the lifespan to create this process's clients.
+
+    The lifespan leaves the :class:`GatewayState` on ``app.state`` for the endpoints, and in
+    the lifespan state (under :data:`gateway.state.STATE`) for the server adapter.
+    """
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, GatewayState]]:
+        settings.check_gateway()  # ConfigError naming what access control lacks
+        file_keys = read_key_file(settings.api_keys_file) if settings.api_keys_file else {}
         redis_connector = connector()
         redis = redis_connector.client()
+        # Durable mode: streams read, and announcements followed, where a replica has them.
+        durable = settings.read_from_replicas
+        reads = redis_connector.client(replicas=True) if durable else redis
+        try:
+            await redis_connector.ready()
+        except BaseException:
+            await redis_connector.aclose()
+            raise
         hub: Hub
-        live = LiveChannels(
-            lambda: redis_connector.dedicated_connection(LIVE_CONNECTION_NAME),
+        live = ShardedChannels(
+            redis_connector.nodes(reads, replicas=durable),
+            lambda node: redis_connector.channel_connection(
+                node, LIVE_CONNECTION_NAME, replica=durable
+            ),
             lambda channel, payload: hub.on_message(channel, payload),
             lambda: hub.on_resubscribed(),
             ping_interval_s=min(settings.heartbeat_s, 5.0),
@@ -59,18 +95,45 @@ def create_app(
         hub = Hub(
             redis,
             live,
+            reads,
             backlog=settings.subscriber_backlog,
             heartbeat_s=settings.heartbeat_s,
             # Never more than Redis retains: every gateway answers a cursor the same way.
             replay=min(settings.live_replay, settings.stream_maxlen),
+            replay_bytes=settings.live_replay_bytes,
+            ttl_ms=settings.stream_ttl_s * 1000,
             presence_interval_s=settings.cancel_grace_s / 3,
+            announcements_are_hints=durable,
+            max_reads=settings.redis_max_connections,
         )
-        app.state.gateway = GatewayState(settings, redis, hub)
-        tasks = [asyncio.create_task(live.run()), asyncio.create_task(hub.run_housekeeping())]
+        admission = Admission(
+            redis, partitions=settings.job_partitions, max_queued=settings.max_queued_jobs
+        )
+        gateway_metrics = GatewayMetrics(hub, admission)
+        access = Access(settings, redis, file_keys)
+        state = app.state.gateway = GatewayState(
+            settings,
+            redis,
+            hub,
+            admission,
+            gateway_metrics,
+            access,
+            Idempotency(redis, ttl_s=settings.stream_ttl_s),
+        )
+        tasks = [
+            asyncio.create_task(live.run()),
+            asyncio.create_task(hub.run_housekeeping()),
+            asyncio.create_task(admission.run()),
+            asyncio.create_task(_update_metrics(gateway_metrics)),
+        ]
+        if durable:
+            tasks.append(asyncio.create_task(redis_connector.follow_topology(reads, 5.0)))
         restore = _drain_on_sigterm(hub)
         _log.info("gateway using %s", redis_connector.description)
+        if not access.required:
+            _log.warning("access control is off (TOKENRELAY_AUTH=off)")
         try:
-            yield
+            yield {STATE: state}
         finally:
             restore()
             await live.aclose()
@@ -84,33 +147,49 @@ def create_app(
                 ):
                     _log.error("gateway task failed", exc_info=result)
             await redis_connector.aclose()
+            shared_metrics.process_gone(os.getpid())
 
-    routes = [*ROUTES, *openai_api.ROUTES]
-    middleware = [Middleware(ServedBy)]
-    if demo:
-        routes.append(
-            demo_page(resources.files("gateway").joinpath("static/demo.html").read_bytes())
+    demo_html = (
+        resources.files("gateway").joinpath("static/demo.html").read_bytes() if demo else None
+    )
+    middleware = [Middleware(CommonHeaders)]
+    if settings.cors_origin_list:
+        # Starlette's own CORS handling: preflights, Vary: Origin, and credentials for the
+        # listed origins only (never a wildcard).
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origin_list,
+                allow_methods=["GET", "POST", "HEAD"],
+                allow_headers=["authorization", "content-type", "last-event-id", "idempotency-key"],
+                expose_headers=_EXPOSED_HEADERS,
+                allow_credentials=True,
+                max_age=600,
+            )
         )
-    return Gateway(
-        routes=routes,
-        stream_routes=[*STREAM_ROUTES, *openai_api.STREAM_ROUTES],
+    return Starlette(
+        routes=routes(demo_html=demo_html),
         middleware=middleware,
-        warm_routes=[*WARM_ROUTES, *openai_api.WARM_ROUTES],
-        # What the middleware adds to each response, for those the gateway protocol writes.
-        warm_headers=lambda: [served_by()],
         lifespan=lifespan,
         exception_handlers={
-            ApiError: handle_api_error,
-            HTTPException: handle_http_exception,
-            RedisError: handle_redis_error,
-            RetryLater: handle_retry_later,
+            ApiError: _api_error,
+            HTTPException: _http_exception,
+            RedisError: _redis_error,
+            RuntimeError: _runtime_error,
+            RetryLater: _retry_later,
         },
     )
 
 
-class ServedBy:
-    """Names the gateway process in an ``X-Served-By`` header (which one a load balancer chose
-    is otherwise hard to tell when a stream misbehaves)."""
+async def _update_metrics(gateway_metrics: GatewayMetrics) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        gateway_metrics.update()
+
+
+class CommonHeaders:
+    """Adds the headers every response carries (``date``, ``X-Served-By``) and logs each
+    request's access line, as the server adapter does for the answers it writes itself."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -119,26 +198,73 @@ class ServedBy:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = served_by()
 
-        async def send_with_header(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
+                message["headers"] = [*message.get("headers", []), *common_headers()]
+                target = scope.get("raw_path") or scope["path"].encode()
+                if scope.get("query_string"):
+                    target += b"?" + scope["query_string"]
+                log_access(
+                    scope.get("client"),
+                    scope["method"],
+                    target,
+                    scope["http_version"],
+                    message["status"],
+                )
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive, send_with_headers)
 
 
-_served_by: dict[int, tuple[bytes, bytes]] = {}
+def _answer(request: Request, error: ApiError) -> Response:
+    """``error`` answered, in OpenAI's terms on the OpenAI routes."""
+    return error_response(in_openai_terms(error) if is_openai_path(request.url.path) else error)
 
 
-def served_by() -> tuple[bytes, bytes]:
-    """This process's ``X-Served-By`` header (per pid: each forked process has its own)."""
-    pid = os.getpid()
-    header = _served_by.get(pid)
-    if header is None:
-        header = _served_by[pid] = (b"x-served-by", f"{socket.gethostname()}:{pid}".encode())
-    return header
+async def _api_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, ApiError):  # pragma: no cover - registered for ApiError only
+        raise TypeError(exc)
+    return _answer(request, exc)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 and friends, in our JSON shape."""
+    if not isinstance(exc, HTTPException):  # pragma: no cover - registered for it only
+        raise TypeError(exc)
+    message = (
+        exc.detail
+        if exc.status_code != 404
+        else f"no route for {request.method} {request.url.path}"
+    )
+    return _answer(request, ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    """Redis unreachable: 503, retry later. Any other Redis error is a bug of ours: 500."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        _log.warning("%s %s: redis unavailable: %s", request.method, request.url.path, exc)
+        return _answer(request, ApiError(503, "storage unavailable, retry later"))
+    _log.error("%s %s: redis error", request.method, request.url.path, exc_info=exc)
+    return _answer(request, ApiError(500, "internal error"))
+
+
+async def _runtime_error(request: Request, exc: Exception) -> Response:
+    """uvloop's closed-transport error reaches here from redis-py's cluster client (whose
+    connection class cannot be chosen): Redis went away, as for a ConnectionError. Any other
+    RuntimeError is a bug: 500."""
+    if is_closed_transport(exc):
+        return await _redis_error(request, RedisConnectionError(str(exc)))
+    _log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _answer(request, ApiError(500, "internal error"))
+
+
+async def _retry_later(request: Request, exc: Exception) -> Response:
+    """A stream asked for while Redis is unreachable: come back later (RetryLaterResponse)."""
+    del exc
+    return RetryLaterResponse(
+        GatewayState.of(request).settings.retry_ms, "storage unavailable, retry later"
+    )
 
 
 def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:
@@ -167,11 +293,3 @@ def _drain_on_sigterm(hub: Hub) -> Callable[[], None]:
             signal.signal(signal.SIGTERM, previous)
 
     return restore
-
-
-def app_from_env() -> Starlette:
-    """uvicorn factory for multi-process gateways: each process reads the environment once."""
-    settings = Settings.from_env(os.environ)
-    app = create_app(settings, lambda: RedisConnector(settings))
-    gc_policy.settle()
-    return app

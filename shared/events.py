@@ -93,8 +93,6 @@ class Event:
     n: int
     kind: Kind
     data: bytes
-    #: Rendered SSE frames by format, filled by the gateway so each event is encoded once.
-    frames: dict[str, bytes] | None = None
 
     @classmethod
     def from_entry(cls, raw_id: bytes, fields: dict[bytes, bytes]) -> Event:

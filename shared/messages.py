@@ -9,6 +9,9 @@ The meta hash (``keys.message_meta``) holds:
 - ``cancel``: set (to the reason) when cancellation was requested
 - ``model``, ``created_ms``, ``include_usage``: what the OpenAI-format renderer needs on resume
 - ``watch_ms``: for ``cancel_on_disconnect``, how long the message may go unwatched
+- ``tenant``: whose message it is (the tenant of the API key that created it)
+- ``rewound``: set once Redis lost events of the message that readers may have been sent (a
+  failover to a replica that lacked them): a reader whose position is unknown starts again
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis_client import RedisClient
 
 # 16 random bytes (128 bits) in URL-safe base64: 22 characters, no braces (they would break the
 # cluster hash tag), safe in paths.
@@ -36,6 +39,12 @@ MODEL = b"model"
 CREATED_MS = b"created_ms"
 INCLUDE_USAGE = b"include_usage"
 WATCH_MS = b"watch_ms"
+REWOUND = b"rewound"
+TENANT = b"tenant"
+# What the request asked that its API reports back (the Responses API's object echoes its
+# settings): JSON, kept as given.
+ASKED = b"asked"
+CANCEL = b"cancel"
 
 QUEUED = b"queued"
 RUNNING = b"running"
@@ -75,6 +84,9 @@ class Job:
     model: str | None = None
     #: Sampling and other request fields passed through to the model unchanged.
     params: dict[str, Any] = field(default_factory=dict)
+    #: Whose message it is, and the API key whose quota it counts against (empty: none).
+    tenant: str = ""
+    key_id: str = ""
 
     def to_fields(self) -> dict[bytes, bytes]:
         """The jobs-stream entry for this job."""
@@ -85,6 +97,8 @@ class Job:
             body["model"] = self.model
         if self.params:
             body["params"] = self.params
+        if self.key_id:
+            body["key_id"] = self.key_id
         return {b"m": self.message_id.encode(), b"p": orjson.dumps(body)}
 
     @classmethod
@@ -104,17 +118,20 @@ class Job:
             messages=messages,
             model=body.get("model"),
             params=params,
+            key_id=str(body.get("key_id", "")),
         )
 
 
 async def submit(
-    redis: Redis,
+    redis: RedisClient,
     job: Job,
     *,
     ttl_ms: int,
     model: str,
+    partitions: int,
     include_usage: bool = False,
     watch_ms: int | None = None,
+    asked: bytes = b"",
 ) -> int:
     """Create the message (so readers find it at once) and queue its job for the workers.
 
@@ -130,9 +147,12 @@ async def submit(
         CREATED_MS: str(created_ms),
         MODEL: model,
         INCLUDE_USAGE: b"1" if include_usage else b"0",
+        TENANT: job.tenant,
     }
     if watch_ms is not None:
         fields[WATCH_MS] = str(watch_ms)
+    if asked:
+        fields[ASKED] = asked
     # Meta and job live in different cluster slots, so these are two round trips, meta first:
     # a worker that picks the job always finds its message.
     async with redis.pipeline(transaction=True) as pipe:
@@ -141,44 +161,52 @@ async def submit(
         if watch_ms is not None:
             pipe.set(keys.message_watched(job.message_id), b"1", px=watch_ms)
         await pipe.execute()
-    await redis.xadd(keys.JOBS_STREAM, job.to_fields())  # type: ignore[arg-type]
+    stream = keys.jobs_stream(keys.job_partition(job.message_id, partitions), partitions)
+    await redis.xadd(stream, job.to_fields())  # type: ignore[arg-type]
     return created_ms
 
 
 # Ask for cancellation. A message no worker has taken yet ends here and now: its cancelled event
 # is written as the worker's append script writes events (same fields, same announcement), and
 # the owner set so that no worker takes it. A running one is flagged (the append script checks
-# the flag before every event) and announced (its worker stops at once, even if the model is
-# silent).
+# the flag before every event), and its owner is returned: the caller tells that worker on its
+# own shard channel, so that it stops at once even if the model is silent.
 _REQUEST_CANCEL = """
-local meta = redis.call('HMGET', KEYS[1], 'status', 'seq', 'owner', 'end')
-if not meta[2] then return 'missing' end
-if meta[4] then return 'finished' end
+local meta = redis.call('HMGET', KEYS[1], 'status', 'seq', 'owner', 'end', 'tenant')
+if not meta[2] then return {'missing'} end
+if ARGV[4] ~= '*' and (meta[5] or '') ~= ARGV[4] then return {'missing'} end
+if meta[4] then return {'finished'} end
 redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
 if meta[3] == '' then
   local n = meta[2]
   local data = '{"reason":"' .. ARGV[1] .. '"}'
-  local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '*',
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '*',
                         'n', n, 'k', 'cancelled', 'd', data)
   redis.call('HSET', KEYS[1], 'seq', n + 1, 'status', 'cancelled', 'end', id, 'owner', 'cancelled')
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('PUBLISH', KEYS[3], id .. ' ' .. n .. ' cancelled ' .. data)
-  return 'ok'
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('SPUBLISH', KEYS[3], id .. ' ' .. n .. ' cancelled ' .. data)
+  return {'ok'}
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 'ok'
+return {'ok', meta[3]}
 """
 
 
-async def request_cancel(redis: Redis, message_id: str, *, ttl_ms: int, maxlen: int) -> str:
-    """Stop a generation; ``ok``, ``missing`` (no such message) or ``finished`` (too late)."""
+async def request_cancel(
+    redis: RedisClient, message_id: str, *, ttl_ms: int, maxlen: int, tenant: str | None = None
+) -> str:
+    """Stop a generation; ``ok``, ``missing`` (no such message, or with ``tenant`` one of
+    another tenant) or ``finished`` (too late)."""
     message_keys = (
         keys.message_meta(message_id),
         keys.message_stream(message_id),
         keys.message_channel(message_id),
     )
-    args = ("requested", keys.CANCEL_CHANNEL, message_id, ttl_ms, maxlen)
-    result = await redis.eval(_REQUEST_CANCEL, 3, *message_keys, *args)
-    text: str = result.decode()
-    return text
+    owner = "*" if tenant is None else tenant
+    reply = await redis.eval(_REQUEST_CANCEL, 3, *message_keys, "requested", ttl_ms, maxlen, owner)
+    outcome: str = reply[0].decode()
+    if len(reply) > 1:
+        # The worker's token is "<consumer>/<job>/<attempt>" (worker.runner): tell it.
+        consumer = reply[1].decode().partition("/")[0]
+        await redis.spublish(keys.worker_channel(consumer), message_id)
+    return outcome

@@ -1,7 +1,10 @@
-"""Fixtures: a private redis-server per test session, settings, and a running gateway + worker.
+"""Fixtures: a private redis-server, and a private Redis Cluster (3 primaries, 3 replicas),
+each started once per test session; settings, and a running gateway + worker.
 
-Tests talk to a real Redis started here on a free port (never the machine's own). Where no
-redis-server can be started, a local run skips with the reason; under CI (``CI`` set) it fails.
+Tests talk to a real Redis started here on free ports (never the machine's own). A test runs on
+the one Redis unless it asks for both with :data:`tests.support.ON_BOTH` (``redis_kind``).
+Where no redis-server can be started, a local run skips with the reason; under CI (``CI`` set)
+it fails.
 """
 
 from __future__ import annotations
@@ -15,13 +18,26 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
+from shared import open_files
+from shared.redis_client import RedisClient, RedisConnector
 from shared.settings import Settings
 from tests.support import Stack, start_stack
-from tokenrelay.stack import free_port, redis_server_argv
+from tokenrelay.local_redis import (
+    LocalCluster,
+    LocalSentinel,
+    free_port,
+    redis_server_argv,
+    start_cluster,
+    start_sentinel,
+)
 from worker.script_batch import ScriptBatch
 from worker.stream_writer import append_batch
+
+# The tests are the clients: a storm test holds a thousand sockets, and a proxy in the test
+# process two for each (the servers the tests start inherit the limit too).
+open_files.raise_limit()
 
 
 def _unavailable(reason: str) -> None:
@@ -83,33 +99,103 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A private Redis Cluster for this test session: 3 primaries, 3 replicas."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _unavailable("redis-server and redis-cli are not on PATH")
+    workdir = tempfile.mkdtemp(prefix="tokenrelay-cluster-")
+    try:
+        cluster = start_cluster(workdir)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _unavailable(f"a Redis Cluster did not start: {exc}")
+        raise AssertionError("unreachable") from exc
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
-async def redis(redis_server: str) -> AsyncIterator[Redis]:
-    """A client of the private Redis, flushed before the test."""
-    client = Redis.from_url(redis_server, protocol=2)
-    await client.flushall()
-    await client.config_resetstat()
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """A primary with one replica and three sentinels, for one test (it kills the primary)."""
+    if shutil.which("redis-server") is None:
+        _unavailable("redis-server is not on PATH")
+    workdir = tempfile.mkdtemp(prefix="tokenrelay-sentinel-")
+    try:
+        setup = start_sentinel(workdir)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _unavailable(f"Sentinel did not start: {exc}")
+        raise AssertionError("unreachable") from exc
+    try:
+        yield setup
+    finally:
+        setup.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(params=["standalone"])
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """Which Redis a test runs on: ``standalone``, or ``cluster`` (see ON_BOTH)."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, redis_kind: str) -> str:
+    """``REDIS_URL`` of the Redis this test runs on."""
+    if redis_kind == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        cluster.wait_healthy()  # a failover test before may have left it recovering
+        return cluster.url
+    url: str = request.getfixturevalue("redis_server")
+    return url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """A client of the Redis this test runs on, flushed before the test."""
+    connector = RedisConnector(Settings(redis_url=redis_url))
+    client = connector.client()
+    await connector.ready()
+    if isinstance(client, RedisCluster):
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        await client.config_resetstat(target_nodes=RedisCluster.ALL_NODES)
+    else:
+        await client.flushall()
+        await client.config_resetstat()
     try:
         yield client
     finally:
-        await client.aclose()
+        await connector.aclose()
 
 
 @pytest.fixture
-async def appends(redis: Redis) -> AsyncIterator[ScriptBatch]:
+async def appends(redis: RedisClient) -> AsyncIterator[ScriptBatch]:
     """The append script as a worker process calls it (batched), on the private Redis."""
     async with append_batch(redis) as batch:
         yield batch
 
 
 @pytest.fixture
-def settings(redis_server: str) -> Settings:
-    """Fast settings for tests: a quick mock model, one entry per token."""
-    return Settings(redis_url=redis_server, mock_token_delay_ms=1, coalesce_ms=0, heartbeat_s=5)
+def settings(redis_url: str) -> Settings:
+    """Fast settings for tests: a quick mock model, one entry per token, access control off
+    (tests/gateway/test_access.py turns it on), the mock's fault hooks on."""
+    return Settings(
+        redis_url=redis_url,
+        mock_token_delay_ms=1,
+        coalesce_ms=0,
+        heartbeat_s=5,
+        auth="off",
+        fault_injection=True,
+    )
 
 
 @pytest.fixture
-async def stack(settings: Settings, redis: Redis) -> AsyncIterator[Stack]:
+async def stack(settings: Settings, redis: RedisClient) -> AsyncIterator[Stack]:
     """A gateway on a free port and a worker, both against the private (flushed) Redis."""
     assert await redis.ping()
     async with start_stack(settings) as running:

@@ -11,16 +11,35 @@ from typing import Any
 
 import fakeredis
 import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 
+from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.hub import Hub
-from gateway.protocol import GatewayProtocol
-from shared.redis_client import RedisConnector
+from gateway.server import served, uvicorn_options
+from shared import keys
+from shared.redis_client import RedisClient, RedisConnector
 from shared.settings import Settings
-from tokenrelay.stack import free_port
+from tokenrelay.local_redis import free_port
 from worker import service
+
+#: Partitions of the jobs queue in the tests' settings.
+PARTITIONS = Settings().job_partitions
+#: Runs a test on the one Redis and on the Redis Cluster.
+ON_BOTH = pytest.mark.parametrize("redis_kind", ["standalone", "cluster"], indirect=True)
+
+
+def jobs_stream(message_id: str) -> str:
+    """The jobs partition stream a message's job goes to."""
+    return keys.jobs_stream(keys.job_partition(message_id, PARTITIONS), PARTITIONS)
+
+
+async def queued_jobs(redis: RedisClient) -> int:
+    """Jobs in every partition stream."""
+    lengths = [await redis.xlen(keys.jobs_stream(p, PARTITIONS)) for p in range(PARTITIONS)]
+    return sum(lengths)
 
 
 @dataclass
@@ -98,6 +117,11 @@ class Stack:
         hub: Hub = self.app.state.gateway.hub
         return hub
 
+    @property
+    def admission(self) -> Admission:
+        admission: Admission = self.app.state.gateway.admission
+        return admission
+
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(20.0), **kwargs)  # type: ignore[arg-type]
 
@@ -117,21 +141,18 @@ async def run_worker(
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Starlette, *, http: Any = GatewayProtocol) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port inside the test's loop; yield its URL.
-
-    ``http`` is uvicorn's protocol: the gateway's, as in production, unless a test asks for
-    uvicorn's own ("httptools").
-    """
+async def serve(
+    app: Starlette, settings: Settings | None = None, **overrides: Any
+) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a free port inside the test's loop; yield its URL. With
+    ``settings``, as ``tokenrelay gateway`` serves the gateway (``overrides``: other uvicorn
+    options); without, as uvicorn serves any app."""
     port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=1,
-        http=http,
-    )
+    options: dict[str, Any] = {"host": "127.0.0.1", "port": port, "ws": "none"}
+    if settings is not None:
+        options = uvicorn_options(settings, "127.0.0.1", port)
+    options.update({"log_level": "warning", "timeout_graceful_shutdown": 1, **overrides})
+    config = uvicorn.Config(served(app) if settings is not None else app, **options)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     for _ in range(1000):
@@ -154,12 +175,12 @@ async def start_stack(
     worker: bool = True,
     embedded: fakeredis.FakeServer | None = None,
     linger_s: float | None = None,
-    http: Any = GatewayProtocol,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
-    """Start a gateway on a free port (and a worker unless ``worker=False``); ``http``: see
-    :func:`serve`."""
+    """Start a gateway on a free port (and a worker unless ``worker=False``); ``overrides``:
+    see :func:`serve`."""
     app = create_app(settings, lambda: RedisConnector(settings, embedded=embedded), demo=True)
-    async with serve(app, http=http) as url:
+    async with serve(app, settings, **overrides) as url:
         stack = Stack(url, app, settings)
         if linger_s is not None:
             stack.hub.linger_s = linger_s
@@ -228,12 +249,16 @@ async def post_and_hang_up(stack: Stack, body: dict[str, object]) -> str:
 
 
 class CuttingProxy:
-    """A TCP proxy to a local port whose :meth:`cut` drops every connection it carries."""
+    """A TCP proxy to a local port whose :meth:`cut` drops every connection it carries, and
+    whose :meth:`freeze` makes them go silent without closing (a half-open connection: a phone
+    that lost its network). ``hold_s`` delays the first bytes of every answer (a busy server)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, hold_s: float = 0.0) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.connections = 0
+        self.hold_s = hold_s
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -253,23 +278,35 @@ class CuttingProxy:
         for writer in list(self._writers):
             writer.transport.abort()  # an abrupt RST, as a network that vanishes
 
+    def freeze(self) -> None:
+        self._frozen |= self._writers
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers.update((writer, up_writer))
         pipes = (
-            asyncio.create_task(_pipe(reader, up_writer)),
-            asyncio.create_task(_pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(reader, up_writer, 0.0)),
+            asyncio.create_task(self._pipe(up_reader, writer, self.hold_s)),
         )
         self._pipes.update(pipes)
-        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        if writer in self._frozen and pipes[0] not in done:
+            await pipes[0]  # a frozen connection ends only when its client leaves
         for stream_writer in (writer, up_writer):
             stream_writer.transport.abort()
             self._writers.discard(stream_writer)
+            self._frozen.discard(stream_writer)
 
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold_s: float
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            first = await reader.read(65536)
+            await asyncio.sleep(hold_s)
+            data = first
+            while data:
+                if writer not in self._frozen:
+                    writer.write(data)
+                    await writer.drain()
+                data = await reader.read(65536)

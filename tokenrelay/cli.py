@@ -1,24 +1,27 @@
-"""``tokenrelay gateway | worker | dev``: argument parsing, logging, signals."""
+"""``tokenrelay gateway | worker | dev | stack | chat | keys``: argument parsing, logging,
+signals."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
 import uvicorn
 
-from gateway import gc_policy
 from gateway.app import create_app
-from gateway.server_options import uvicorn_options
+from gateway.server import served, uvicorn_options
+from shared import gc_policy, metrics
 from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
 from shared.settings import Settings, settings_help
-from tokenrelay import dev, stack
+from tokenrelay import dev, keys_command, stack
 from tokenrelay.chat import chat
 from tokenrelay.topology import GATEWAY_PORT, LB_PORT, LOCAL_REDIS_PORT, Topology
 from worker import service
@@ -87,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=LB_PORT, help=f"haproxy's port (default: {LB_PORT})"
     )
     stack_parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address haproxy listens on (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    stack_parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run a Redis Cluster of 3 primaries and 3 replicas (on free ports) instead of one",
+    )
+    stack_parser.add_argument(
         "--redis-port",
         type=_port,
         default=LOCAL_REDIS_PORT,
@@ -109,7 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.add_argument(
         "--max-tokens", type=_positive_int, default=None, help="answer length limit"
     )
+    keys_command.add_parser(commands)
     return parser
+
+
+#: Commands that run with access control off unless TOKENRELAY_AUTH says otherwise: local
+#: trials (they say so when they start), and commands that serve nothing.
+_OPEN_BY_DEFAULT = ("dev", "stack", "chat", "keys")
+_OPEN_WARNING = (
+    "access control is off (TOKENRELAY_AUTH=off): anyone who can reach this port can start, "
+    "read and cancel generations"
+)
 
 
 def _add_listen_options(parser: argparse.ArgumentParser) -> None:
@@ -138,26 +161,72 @@ def _port(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokenrelay`` console script."""
     args = build_parser().parse_args(argv)
+    environ = dict(os.environ)
+    if args.command in _OPEN_BY_DEFAULT:
+        environ.setdefault("TOKENRELAY_AUTH", "off")
     try:
-        settings = Settings.from_env(os.environ)
+        settings = Settings.from_env(environ)
     except ConfigError as exc:
         print(f"tokenrelay: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.command == "gateway":
-        return _run_gateway(settings, args)
-    if args.command == "worker":
-        asyncio.run(_run_worker(settings))
-        return 0
-    if args.command == "stack":
-        topology = Topology(
-            args.gateways, args.workers, args.port, args.redis_port, args.gateway_base_port
-        )
-        return asyncio.run(stack.run(topology))
-    if args.command == "chat":
+    if settings.auth == "off" and args.command in ("dev", "stack"):
+        _log.warning(_OPEN_WARNING)
+    command: Callable[[Settings, argparse.Namespace], int] = _COMMANDS[args.command]
+    return command(settings, args)
+
+
+def _gateway(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        settings.check_gateway()
+    except ConfigError as exc:
+        print(f"tokenrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return _run_gateway(settings, args)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    del args
+    asyncio.run(_run_worker(settings))
+    return 0
+
+
+def _stack(settings: Settings, args: argparse.Namespace) -> int:
+    topology = Topology(
+        args.gateways,
+        args.workers,
+        args.port,
+        args.redis_port,
+        args.gateway_base_port,
+        redis_cluster=args.redis_cluster,
+    )
+    env = {"TOKENRELAY_AUTH": settings.auth}
+    return asyncio.run(stack.run(topology, host=args.host, env=env))
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    del settings
+    # Its output is the answer: no library's log lines in it.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
         return asyncio.run(chat(args.url, args.prompt, args.max_tokens, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:
+        print("\ntokenrelay chat: interrupted", file=sys.stderr)
+        return 130
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(keys_command.run(settings, args))
+    except ConfigError as exc:
+        print(f"tokenrelay keys: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
     asyncio.run(dev.run(settings, host=args.host, port=args.port))
     return 0
 
@@ -168,18 +237,46 @@ def _run_gateway(settings: Settings, args: argparse.Namespace) -> int:
         if args.demo:
             print("tokenrelay: --demo needs a single gateway process", file=sys.stderr)
             return 2
-        # Each process imports the factory and reads the same environment once.
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
+        # Each process imports the factory and reads the same environment once; they share
+        # a directory for their metrics, so that any of them answers a scrape for all.
+        with _metrics_dir():
+            uvicorn.run("gateway.server:app_from_env", factory=True, workers=args.workers, **common)
     else:
-        app = create_app(settings, lambda: RedisConnector(settings), demo=args.demo)
-        gc_policy.settle()
+        app = served(create_app(settings, lambda: RedisConnector(settings), demo=args.demo))
+        gc_policy.settle(settings.gc_full_s)
         uvicorn.run(app, **common)
     return 0
 
 
+@contextlib.contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for the processes started meanwhile (unless one is
+    set: then it is the operator's to manage)."""
+    if os.environ.get(metrics.MULTIPROC_DIR):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-metrics-") as directory:
+        os.environ[metrics.MULTIPROC_DIR] = directory
+        try:
+            yield
+        finally:
+            del os.environ[metrics.MULTIPROC_DIR]
+
+
 async def _run_worker(settings: Settings) -> None:
+    gc_policy.settle(settings.gc_full_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await service.serve(settings, RedisConnector(settings), stop)
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "gateway": _gateway,
+    "worker": _worker,
+    "stack": _stack,
+    "chat": _chat,
+    "keys": _keys,
+    "dev": _dev,
+}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, cast
 
 import fakeredis
 import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.server_options import uvicorn_options
+from gateway.server import served, uvicorn_options
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 from worker import service
@@ -35,14 +37,16 @@ def build_app(settings: Settings) -> Starlette:
     gateway_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with gateway_lifespan(app):
+    async def lifespan(app: Starlette) -> AsyncIterator[Mapping[str, Any]]:
+        async with cast(
+            AbstractAsyncContextManager[Mapping[str, Any]], gateway_lifespan(app)
+        ) as state:
             stop = asyncio.Event()
             worker = asyncio.create_task(
                 service.serve(settings, RedisConnector(settings, embedded=server), stop)
             )
             try:
-                yield
+                yield state
             finally:
                 stop.set()
                 await worker
@@ -53,6 +57,6 @@ def build_app(settings: Settings) -> Starlette:
 
 async def run(settings: Settings, *, host: str, port: int) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    config = uvicorn.Config(build_app(settings), **uvicorn_options(settings, host, port))
+    config = uvicorn.Config(served(build_app(settings)), **uvicorn_options(settings, host, port))
     _log.info("demo page: http://%s:%d/", host, port)
     await uvicorn.Server(config).serve()

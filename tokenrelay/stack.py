@@ -1,29 +1,58 @@
 """``tokenrelay stack``: the whole topology as local processes, for development and tests.
 
-It starts a private redis-server, N gateways, M workers and haproxy in front, each a process of
-its own (as they would be in containers), and stops them all when it is stopped: SIGTERM to
-each (gateways hand their clients over), then SIGKILL for any still running after the grace.
+It starts a private redis-server (or a Redis Cluster), N gateways, M workers and haproxy in
+front, each a process of its own (as they would be in containers), and supervises them as
+compose's ``restart: unless-stopped`` does: a process that dies is logged and started again
+(after a delay that grows while it keeps dying). Stopping the stack stops them all in order:
+SIGTERM to each (gateways hand their clients over), then SIGKILL for any still running after
+the grace. The processes run in sessions of their own: a Ctrl-C reaches the stack, which stops
+them in that order, not each of them at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import pathlib
-import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from shared import open_files
+from tokenrelay.local_redis import redis_server_argv, start_cluster
 from tokenrelay.topology import Topology, haproxy_config
 
 _log = logging.getLogger("tokenrelay.stack")
+
+# A process that dies is started again after this, doubled for each death in a row...
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_FIRST_RESTART_S = 0.5
+_MAX_RESTART_S = 30.0
+# ... and one that lived this long is healthy again: its next death waits the first delay
+# (as Docker's restart policy does): a process killed now and then is not a crash loop.
+_HEALTHY_AFTER_S = 10.0
+
+
+@dataclass
+class Member:
+    """One process of the stack and how to start it again."""
+
+    name: str
+    argv: list[str]
+    port: int | None
+    process: asyncio.subprocess.Process
+    #: Deaths in a row (see _HEALTHY_AFTER_S); restarts done by the supervisor.
+    deaths: int = 0
+    restarts: int = 0
+    #: Restarted by hand (LocalStack.restart): the supervisor leaves it alone meanwhile.
+    held: bool = False
 
 
 @dataclass
@@ -31,11 +60,12 @@ class LocalStack:
     """The running processes of a topology."""
 
     topology: Topology
-    redis: asyncio.subprocess.Process
-    lb: asyncio.subprocess.Process
-    gateways: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    workers: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    _redis_argv: list[str] = field(default_factory=list)
+    members: dict[str, Member]
+    env: dict[str, str]
+    #: With --redis-cluster: the cluster's nodes (tokenrelay.local_redis.LocalCluster).
+    cluster: Any = None
+    stopping: bool = False
+    _supervisors: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -43,150 +73,194 @@ class LocalStack:
 
     @property
     def redis_url(self) -> str:
+        if self.cluster is not None:
+            url: str = self.cluster.url
+            return url
         return f"redis://127.0.0.1:{self.topology.redis_port}/0"
+
+    @property
+    def gateways(self) -> dict[str, asyncio.subprocess.Process]:
+        return {n: self.members[n].process for n in self.topology.gateway_names()}
+
+    @property
+    def workers(self) -> dict[str, asyncio.subprocess.Process]:
+        return {n: self.members[n].process for n in self.topology.worker_names()}
+
+    @property
+    def redis(self) -> asyncio.subprocess.Process | None:
+        member = self.members.get("redis")
+        return None if member is None else member.process
+
+    @property
+    def lb(self) -> asyncio.subprocess.Process:
+        return self.members["haproxy"].process
+
+    def all(self) -> list[asyncio.subprocess.Process]:
+        return [member.process for member in self.members.values()]
+
+    async def restart(self, name: str, *, down_s: float = 0.0) -> None:
+        """Kill member ``name`` and start it again after ``down_s`` seconds."""
+        member = self.members[name]
+        member.held = True
+        try:
+            member.process.kill()
+            await member.process.wait()
+            await asyncio.sleep(down_s)
+            member.process = await _spawn(member.argv, self.env)
+            if member.port is not None:
+                await _wait_for_port(member.port, member.process)
+        finally:
+            member.held = False
+        self._watch(member)
 
     async def restart_redis(self, *, down_s: float = 0.0) -> None:
         """Kill the stack's redis-server (no persistence: its data is gone) and start a new one
         on the same port after ``down_s`` seconds."""
-        self.redis.kill()
-        await self.redis.wait()
-        await asyncio.sleep(down_s)
-        self.redis = await asyncio.create_subprocess_exec(*self._redis_argv)
-        await _wait_for_port(self.topology.redis_port, self.redis)
+        if "redis" not in self.members:
+            raise RuntimeError("the stack runs a Redis Cluster")
+        await self.restart("redis", down_s=down_s)
 
-    def all(self) -> list[asyncio.subprocess.Process]:
-        return [self.lb, *self.gateways.values(), *self.workers.values(), self.redis]
+    def supervise(self) -> None:
+        """Watch every member: restart the ones that die until :meth:`stop`."""
+        for member in self.members.values():
+            self._watch(member)
+
+    def _watch(self, member: Member) -> None:
+        old = self._supervisors.get(member.name)
+        if old is not None and not old.done():
+            old.cancel()
+        self._supervisors[member.name] = asyncio.create_task(self._keep(member))
+
+    async def _keep(self, member: Member) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            process = member.process
+            code = await process.wait()
+            if self.stopping or member.held or process is not member.process:
+                return
+            member.deaths = 1 if loop.time() - started >= _HEALTHY_AFTER_S else member.deaths + 1
+            delay = min(_MAX_RESTART_S, _FIRST_RESTART_S * 2 ** (member.deaths - 1))
+            _log.warning("%s exited (%s); starting it again in %.1f s", member.name, code, delay)
+            await asyncio.sleep(delay)
+            if self.stopping or member.held:
+                return
+            try:
+                member.process = await _spawn(member.argv, self.env)
+                if member.port is not None:
+                    await _wait_for_port(member.port, member.process)
+            except (OSError, RuntimeError) as exc:
+                _log.error("%s could not be started again: %s", member.name, exc)
+                continue  # its new process (if any) has exited: the loop waits it out
+            member.restarts += 1
+            _log.info("%s started again (pid %d)", member.name, member.process.pid)
+
+    async def stop(self) -> None:
+        """Stop supervising, then stop every process, in dependency order: the balancer,
+        gateways (they hand clients over), workers (they end or hand back their jobs), then
+        Redis, which all of them need."""
+        self.stopping = True
+        for task in self._supervisors.values():
+            task.cancel()
+        await asyncio.gather(*self._supervisors.values(), return_exceptions=True)
+        await _stop([self.lb])
+        await _stop(list(self.gateways.values()))
+        await _stop(list(self.workers.values()))
+        await _stop([] if self.redis is None else [self.redis])
+
+
+async def _spawn(argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    # A session of its own: a terminal's Ctrl-C goes to the stack only, which stops it in order.
+    return await asyncio.create_subprocess_exec(
+        *argv, env=env, start_new_session=True, preexec_fn=_ends_with(os.getpid())
+    )
+
+
+def _ends_with(parent: int) -> Callable[[], None] | None:
+    """What a member runs before it execs: on Linux, ask the kernel to send it SIGTERM when the
+    stack dies, however it dies (a SIGKILL or an OOM kill gives the stack no chance to stop its
+    members, which would otherwise keep their ports and go on generating)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def end_with_the_stack() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the stack died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return end_with_the_stack
 
 
 @contextlib.asynccontextmanager
 async def local_stack(
-    topology: Topology, env: dict[str, str] | None = None
+    topology: Topology, env: dict[str, str] | None = None, *, host: str = "127.0.0.1"
 ) -> AsyncIterator[LocalStack]:
-    """Start the topology's processes; stop them all on exit."""
+    """Start the topology's processes, supervised; stop them all on exit. haproxy listens on
+    ``host`` (loopback unless told otherwise)."""
     haproxy = shutil.which("haproxy")
     redis_server = shutil.which("redis-server")
     if haproxy is None or redis_server is None:
         raise RuntimeError(
             "tokenrelay stack needs haproxy and redis-server (Debian packages of those names)"
         )
+    # haproxy derives its connection limit from the open-file limit it inherits.
+    open_files.raise_limit()
     workdir = tempfile.mkdtemp(prefix="tokenrelay-stack-")
     base_env = {
         **os.environ,
         **(env or {}),
         "REDIS_URL": f"redis://127.0.0.1:{topology.redis_port}/0",
     }
-    processes: list[asyncio.subprocess.Process] = []
+    # A local stack is for trying things out: open, unless told otherwise.
+    base_env.setdefault("TOKENRELAY_AUTH", "off")
+    members: dict[str, Member] = {}
+    cluster = None
 
-    async def start(*argv: str) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(*argv, env=base_env)
-        processes.append(process)
-        return process
+    async def start(name: str, argv: list[str], port: int | None) -> Member:
+        member = members[name] = Member(name, argv, port, await _spawn(argv, base_env))
+        return member
 
+    stack: LocalStack | None = None
     try:
-        redis = await start(*redis_server_argv(redis_server, topology.redis_port, workdir))
-        await _wait_for_port(topology.redis_port, redis)
-        stack_gateways = {}
+        if topology.redis_cluster:
+            # In this thread, before anything else runs: a node's parent-death signal follows
+            # the thread that started it, and the stack's members must end with the stack.
+            cluster = start_cluster(workdir, preexec=_ends_with(os.getpid()))
+            base_env["REDIS_URL"] = cluster.url
+        else:
+            argv = redis_server_argv(redis_server, topology.redis_port, workdir)
+            # Its log to a file: its start-up banner on the terminal says nothing useful.
+            argv += ["--logfile", os.path.join(workdir, "redis.log")]
+            redis = await start("redis", argv, topology.redis_port)
+            await _wait_for_port(topology.redis_port, redis.process)
+        tokenrelay = [sys.executable, "-m", "tokenrelay"]
         for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True):
-            gateway = await start(
-                sys.executable,
-                "-m",
-                "tokenrelay",
-                "gateway",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            )
-            stack_gateways[name] = gateway
-        stack_workers = {
-            name: await start(sys.executable, "-m", "tokenrelay", "worker")
-            for name in topology.worker_names()
-        }
-        for port, gateway in zip(topology.gateway_ports(), stack_gateways.values(), strict=True):
-            await _wait_for_port(port, gateway)
+            argv = [*tokenrelay, "gateway", "--host", "127.0.0.1", "--port", str(port)]
+            await start(name, argv, port)
+        for name in topology.worker_names():
+            await start(name, [*tokenrelay, "worker"], None)
+        for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True):
+            await _wait_for_port(port, members[name].process)
         config = os.path.join(workdir, "haproxy.cfg")
         backends = [
             (name, "127.0.0.1", port)
             for name, port in zip(topology.gateway_names(), topology.gateway_ports(), strict=True)
         ]
-        pathlib.Path(config).write_text(haproxy_config(topology.lb_port, backends))  # noqa: ASYNC240 - a small file, once
-        lb = await start(haproxy, "-f", config, "-db")
-        await _wait_for_port(topology.lb_port, lb)
-        redis_argv = redis_server_argv(redis_server, topology.redis_port, workdir)
-        stack = LocalStack(topology, redis, lb, stack_gateways, stack_workers, redis_argv)
-        try:
-            yield stack
-        finally:
-            # In dependency order: the balancer, then gateways (they hand clients over), then
-            # workers (they end or hand back their jobs), then Redis, which all of them need.
-            await _stop([stack.lb])
-            await _stop(list(stack.gateways.values()))
-            await _stop(list(stack.workers.values()))
-            await _stop([stack.redis])
+        pathlib.Path(config).write_text(haproxy_config(topology.lb_port, backends, bind=host))  # noqa: ASYNC240 - a small file, once
+        lb = await start("haproxy", [haproxy, "-f", config, "-db"], topology.lb_port)
+        await _wait_for_port(topology.lb_port, lb.process)
+        stack = LocalStack(topology, members, base_env, cluster)
+        stack.supervise()
+        yield stack
     finally:
-        await _stop(processes)
+        if stack is not None:
+            await stack.stop()
+        await _stop([member.process for member in members.values()])
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-# Ports this process has handed out: two calls in a row must not return the same free port.
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port free right now, for a server about to be started on it.
-
-    It is chosen below the kernel's ephemeral range. A port from that range can become the
-    local end of any outgoing connection (a worker's to Redis, a client's to haproxy) between
-    this check and the server's bind, and the server then dies of "address already in use".
-    """
-    return free_port_block(0)
-
-
-def free_port_block(count: int) -> int:
-    """A free base port such that base+1 .. base+count are free too (the gateways' ports)."""
-    below = _below_ephemeral()
-    for _ in range(200):
-        base = random.randrange(below[0], below[1] - count) if below else _any_free_port()
-        block = range(base, base + count + 1)
-        if _handed_out.intersection(block) or not all(map(_bindable, block)):
-            continue
-        _handed_out.update(block)
-        return base
-    raise RuntimeError("found no block of free ports")
-
-
-def _below_ephemeral() -> tuple[int, int] | None:
-    """The unprivileged ports below the ephemeral range, or None where there are too few."""
-    try:
-        text = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        low = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # not Linux: assume Linux's default range
-    return (1024, low) if low - 1024 >= 1000 else None
-
-
-def _any_free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def redis_server_argv(binary: str, port: int, workdir: str) -> list[str]:
-    """A throw-away redis-server on loopback: nothing saved, nothing appended."""
-    return [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", workdir, "--loglevel", "warning",
-    ]  # fmt: skip
 
 
 async def _wait_for_port(port: int, process: asyncio.subprocess.Process) -> None:
@@ -217,26 +291,23 @@ async def _stop(processes: list[asyncio.subprocess.Process], grace_s: float = 15
         await asyncio.gather(*waits)
 
 
-async def run(topology: Topology) -> int:
-    """Run until SIGINT/SIGTERM, or until a process of the stack dies (then exit 1)."""
+async def run(
+    topology: Topology, *, host: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> int:
+    """Run, supervised, until SIGINT or SIGTERM; then stop everything in order (``env``: set
+    for every process, over this one's environment)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    async with local_stack(topology) as stack:
+    async with local_stack(topology, env=env, host=host) as stack:
         print(
-            f"tokenrelay stack: {stack.url} (haproxy) -> {topology.gateways} gateways on ports "
-            f"{', '.join(map(str, topology.gateway_ports()))}; {topology.workers} workers; "
-            f"{stack.redis_url}. Ctrl-C stops it all.",
+            f"tokenrelay stack: {stack.url} (haproxy on {host}) -> {topology.gateways} gateways "
+            f"on ports {', '.join(map(str, topology.gateway_ports()))}; {topology.workers} "
+            f"workers; {stack.redis_url}. A process that dies is started again; Ctrl-C stops "
+            "it all.",
             flush=True,
         )
-        watchers = {asyncio.ensure_future(p.wait()): p for p in stack.all()}
-        stop = asyncio.ensure_future(stopping.wait())
-        done, _ = await asyncio.wait({stop, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-        for future in (stop, *watchers):
-            future.cancel()
-        await asyncio.gather(stop, *watchers, return_exceptions=True)
-        if stop not in done:
-            _log.error("a process of the stack exited; stopping the rest")
-            return 1
+        await stopping.wait()
+        print("tokenrelay stack: stopping", flush=True)
     return 0

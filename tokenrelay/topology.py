@@ -26,6 +26,8 @@ class Topology:
     lb_port: int = LB_PORT
     redis_port: int = LOCAL_REDIS_PORT
     gateway_base_port: int = GATEWAY_PORT
+    #: A Redis Cluster of 3 primaries and 3 replicas (on free ports) instead of one Redis.
+    redis_cluster: bool = False
 
     def gateway_names(self) -> list[str]:
         return [f"gateway-{i}" for i in range(1, self.gateways + 1)]
@@ -38,7 +40,9 @@ class Topology:
         return [self.gateway_base_port + i for i in range(1, self.gateways + 1)]
 
 
-def haproxy_config(listen_port: int, backends: Sequence[tuple[str, str, int]]) -> str:
+def haproxy_config(
+    listen_port: int, backends: Sequence[tuple[str, str, int]], *, bind: str = "*"
+) -> str:
     """The load balancer's configuration for SSE: no buffering, idle timeouts well above the
     gateways' heartbeat (TOKENRELAY_HEARTBEAT_S, 15 s), health checks on /healthz, and a failed
     connection attempt redispatched to another gateway.
@@ -62,7 +66,7 @@ defaults
     timeout http-request 10s
 
 frontend tokenrelay
-    bind *:{listen_port}
+    bind {bind}:{listen_port}
     default_backend gateways
 
 backend gateways

@@ -16,15 +16,23 @@ from typing import Any
 
 import orjson
 
+from shared import metrics
 from shared.errors import ModelError
 from shared.events import Kind
 from worker.backends.base import Choice, GenerationRequest, ModelBackend, Piece
-from worker.stream_writer import CancelRequested, StreamWriter, WriteRefused
+from worker.stream_writer import CancelRequested, EventsLost, StreamWriter, WriteRefused
 
 _log = logging.getLogger(__name__)
 
 #: The reason a worker that is shutting down gives its generations to stop.
 WORKER_STOPPING = "worker_stopping"
+#: Not a client's doing either: another worker took the job over (this one's lease lapsed,
+#: say through a Redis stall). Nothing more is written: the message is the new owner's.
+LEASE_LOST = "lease_lost"
+
+
+class LeaseLost(Exception):
+    """Generation stopped without a word: the job belongs to another worker now."""
 
 
 async def generate(
@@ -43,20 +51,40 @@ async def generate(
     also ends the message with an ``internal_error`` event, then propagates.
     """
     pieces = backend.stream(request)
+    chunker = _Chunker(writer, coalesce_s)
     try:
-        await _copy_pieces(pieces, writer, coalesce_s, cancelled)
+        await _copy_pieces(pieces, chunker, writer, cancelled)
     except CancelRequested as exc:
+        if exc.reason == LEASE_LOST:
+            raise LeaseLost(writer.message_id) from exc
         if exc.reason == WORKER_STOPPING:
             # Not the client's doing: the answer is incomplete, so it ends as an error.
             await append_shutdown_error(writer)
         else:
-            await writer.append(Kind.CANCELLED, orjson.dumps({"reason": exc.reason}))
+            # The usage so far, for clients that count it: tokens received from the model;
+            # the prompt's as the model reported it, else counted as the mock counts them.
+            prompt_tokens = chunker.prompt_tokens or len(request.prompt.split())
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": chunker.tokens,
+                "total_tokens": prompt_tokens + chunker.tokens,
+            }
+            ending = {"reason": exc.reason, "usage": usage}
+            await writer.append(Kind.CANCELLED, orjson.dumps(ending))
+            metrics.CANCELLATIONS.labels(exc.reason).inc()
         return
     except ModelError as exc:
+        metrics.UPSTREAM_ERRORS.labels(exc.error_type).inc()
         await _append_error(writer, exc.error_type, str(exc), status=exc.status, code=exc.code)
         return
     except WriteRefused:
         raise  # the message is gone or owned by another attempt: nothing more may be written
+    except EventsLost as exc:
+        # More than this attempt keeps to write again: the answer cannot be mended.
+        _log.error("generation lost events it cannot write again: %s", exc)
+        message = "storage failed over and lost part of this answer; ask again"
+        await _append_error(writer, "events_lost", message)
+        return
     except Exception as exc:
         _log.exception("generation failed")
         await _append_error(writer, "internal_error", f"generation failed: {type(exc).__name__}")
@@ -68,11 +96,10 @@ async def generate(
 
 async def _copy_pieces(
     pieces: AsyncIterator[Piece],
+    chunker: _Chunker,
     writer: StreamWriter,
-    coalesce_s: float,
     cancelled: asyncio.Future[str] | None,
 ) -> None:
-    chunker = _Chunker(writer, coalesce_s)
     pending: asyncio.Future[Piece] | None = None
     watch_check_s = writer.watch_ms / 2000 if writer.watch_ms else None
     try:
@@ -88,7 +115,8 @@ async def _copy_pieces(
             timeout = _earliest(chunker.time_left(), watch_check_s)
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if cancelled is not None and cancelled.done():
-                await chunker.flush_quietly()
+                if cancelled.result() != LEASE_LOST:  # otherwise nothing more is ours to write
+                    await chunker.flush_quietly()
                 raise CancelRequested(cancelled.result())
             if not pending.done():
                 await chunker.flush()
@@ -124,6 +152,10 @@ class _Chunker:
         self._loop = asyncio.get_running_loop()
         self._buffer: list[str] = []
         self._deadline = 0.0
+        #: Text pieces received from the model (its tokens), and the prompt's token count
+        #: once the model reports usage.
+        self.tokens = 0
+        self.prompt_tokens = 0
 
     def time_left(self) -> float | None:
         """Seconds until the buffered text must be written; None when nothing is buffered."""
@@ -135,12 +167,15 @@ class _Chunker:
         if not isinstance(piece, str):
             await self.flush()
             kind = Kind.CHOICE if isinstance(piece, Choice) else Kind.USAGE
+            if kind is Kind.USAGE:
+                self.prompt_tokens = int(piece.fields.get("prompt_tokens") or 0)
             await self._writer.append(kind, orjson.dumps(piece.fields))
             if kind is Kind.CHOICE and piece.fields.get("finish_reason") is not None:
                 self._writer.finishing = True  # the answer is complete: cancelling is moot
             return
         if not piece:
             return
+        self.tokens += 1
         if self._coalesce_s <= 0 or self._writer.events_written == 0:
             await self._writer.append(Kind.CHUNK, orjson.dumps(piece))
             return

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
+
+from shared import metrics
+from shared.redis_client import RedisClient
 
 _log = logging.getLogger(__name__)
 
@@ -51,8 +53,16 @@ class _Call:
 class ScriptBatch:
     """Calls of ``script``, batched; use ``async with`` around the tasks that call it."""
 
-    def __init__(self, redis: Redis, script: str, *, close_within_s: float | None = None) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        script: str,
+        *,
+        close_within_s: float | None = None,
+        operation: str = "script",
+    ) -> None:
         self._redis = redis
+        self._round_trips = metrics.REDIS_SECONDS.labels(operation)  # their latency
         self._script = script
         # How long leaving the block may wait for calls still out (None: as long as they take).
         self._close_within_s = close_within_s
@@ -79,7 +89,8 @@ class ScriptBatch:
         self._closing = True
         self._wake.set()
         sender = self._sender
-        assert sender is not None
+        if sender is None:
+            return  # never entered
         try:
             await asyncio.wait_for(asyncio.shield(sender), self._close_within_s)
         except TimeoutError:
@@ -158,8 +169,13 @@ class ScriptBatch:
         return replies
 
     async def _round_trip(self, batch: list[_Call]) -> list[Any]:
+        with self._round_trips.time():
+            return await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[_Call]) -> list[Any]:
         sha = self._sha
-        assert sha is not None  # loaded by _run
+        if sha is None:
+            sha = self._sha = await self._redis.script_load(self._script)
         replies: list[Any]
         if len(batch) == 1:  # a lone call: a pipeline's own work would be all cost
             call = batch[0]

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from bench import systems
+from bench import peers, systems
 from bench.workloads import Workload, run
 
 SUBSCRIBERS = 20
@@ -29,7 +29,7 @@ def _tools() -> None:
 @pytest.mark.timeout(120)
 async def test_a_planted_gap_is_seen_by_every_subscriber() -> None:
     result = await run(
-        systems.Floor(), Workload("A", SUBSCRIBERS, rate=300, tokens=TOKENS), plant="gap"
+        peers.Floor(), Workload("A", SUBSCRIBERS, rate=300, tokens=TOKENS), plant="gap"
     )
     assert result["gaps"] == SUBSCRIBERS
     assert result["dups"] == 0
@@ -39,7 +39,7 @@ async def test_a_planted_gap_is_seen_by_every_subscriber() -> None:
 @pytest.mark.timeout(120)
 async def test_a_planted_duplicate_is_seen_by_every_subscriber() -> None:
     result = await run(
-        systems.Floor(), Workload("A", SUBSCRIBERS, rate=300, tokens=TOKENS), plant="duplicate"
+        peers.Floor(), Workload("A", SUBSCRIBERS, rate=300, tokens=TOKENS), plant="duplicate"
     )
     assert result["dups"] == SUBSCRIBERS
     assert result["gaps"] == 0
@@ -76,7 +76,7 @@ async def test_churning_clients_resume_where_they_left() -> None:
 
 @pytest.mark.timeout(120)
 async def test_idle_connections_are_measured() -> None:
-    result = await run(systems.Floor(), Workload("M", 50))
+    result = await run(peers.Floor(), Workload("M", 50))
     assert result["rss_after_mb"] >= result["rss_before_mb"] > 0
 
 
@@ -88,7 +88,7 @@ async def test_the_resumable_stream_peer_streams_and_resumes_at_the_right_charac
         pytest.skip("the resumable-stream peer needs Node.js and npm")
     # Every client drops and resumes (Last-Event-ID: its character offset) twice.
     workload = Workload("B", 10, streams=10, rate=50, tokens=20, churn_every=7)
-    result = await run(systems.ResumableStream(), workload)
+    result = await run(peers.ResumableStream(), workload)
     assert result["loadgen"]["reconnects"] >= 10
     assert result["delivered_tokens"] == 10 * 20
     assert result["gaps"] == result["dups"] == 0

@@ -7,16 +7,16 @@ import dataclasses
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis_client import RedisClient
 from shared.settings import Settings
-from tests.support import Stack, parse_sse, post_and_hang_up, read_stream, start_stack
+from tests.support import ON_BOTH, Stack, parse_sse, post_and_hang_up, read_stream, start_stack
 from tests.worker.test_openai_upstream import _relay_settings, scripted_upstream
 
 
 async def _wait_for_status(
-    redis: Redis, message_id: str, status: bytes, timeout_s: float = 10
+    redis: RedisClient, message_id: str, status: bytes, timeout_s: float = 10
 ) -> None:
     for _ in range(int(timeout_s / 0.02)):
         if await redis.hget(keys.message_meta(message_id), "status") == status:
@@ -40,9 +40,10 @@ async def _start(
     return await ready, task
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_cancel_stops_generation_within_a_chunk_and_every_subscriber_sees_it(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     paced = dataclasses.replace(settings, mock_token_delay_ms=50.0)
     async with start_stack(paced) as stack, stack.client() as client:
@@ -81,15 +82,20 @@ async def test_cancel_stops_generation_within_a_chunk_and_every_subscriber_sees_
     assert missing.status_code == 404
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_cancel_in_the_openai_format_and_of_a_queued_message(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     async with start_stack(settings, worker=False) as stack, stack.client() as client:
         message_id, poster = await _start(
             stack,
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "q"}], "stream": True},
+            {
+                "messages": [{"role": "user", "content": "q"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         )
         response = await client.post(f"/v1/chat/completions/{message_id}/cancel")
         assert response.status_code == 202
@@ -97,13 +103,19 @@ async def test_cancel_in_the_openai_format_and_of_a_queued_message(
 
         async with run_worker(settings):  # the worker finds the job already cancelled
             _, raw = await poster
-    *_, last_chunk, done = parse_sse(raw).events
+    *_, usage, error, done = parse_sse(raw).events
+    # Usage before [DONE] whatever the ending; an error no client takes for a whole answer;
+    # one id for the block, on [DONE].
+    assert orjson.loads(usage.data)["usage"]["completion_tokens"] == 0
+    assert orjson.loads(error.data)["error"]["code"] == "cancelled"
     assert done.data == "[DONE]"
-    assert orjson.loads(last_chunk.data)["choices"][0]["finish_reason"] == "cancelled"
+    assert (usage.id, error.id) == (None, None)
+    assert done.id
     assert await redis.hget(keys.message_meta(message_id), "status") == b"cancelled"
     assert await redis.xlen(keys.message_stream(message_id)) == 1  # nothing was generated
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_cancel_closes_the_upstream_request_at_once(settings: Settings) -> None:
     async with (
@@ -120,12 +132,14 @@ async def test_cancel_closes_the_upstream_request_at_once(settings: Settings) ->
         assert (await client.post(f"/v1/chat/completions/{message_id}/cancel")).status_code == 202
         _, raw = await poster
     events = parse_sse(raw).events
-    assert orjson.loads(events[-2].data)["choices"][0]["finish_reason"] == "cancelled"
+    assert orjson.loads(events[-2].data)["error"]["code"] == "cancelled"
     assert len(events) < 100  # the slow upstream had 200 chunks to send
 
 
 @pytest.mark.usefixtures("redis")
-async def test_disconnect_does_not_cancel_unless_asked(settings: Settings, redis: Redis) -> None:
+async def test_disconnect_does_not_cancel_unless_asked(
+    settings: Settings, redis: RedisClient
+) -> None:
     quick = dataclasses.replace(settings, mock_token_delay_ms=20.0, cancel_grace_s=1.0)
     async with start_stack(quick, linger_s=0.0) as stack:
         ids = {
@@ -159,7 +173,7 @@ async def test_a_watched_message_is_not_cancelled_past_the_grace_period(settings
 
 @pytest.mark.usefixtures("redis")
 async def test_a_queued_message_is_cancelled_at_once_without_a_worker(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     async with start_stack(settings, worker=False) as stack, stack.client() as client:
         message_id, poster = await _start(stack, "/chat/stream", {"prompt": "q"})
@@ -170,7 +184,9 @@ async def test_a_queued_message_is_cancelled_at_once_without_a_worker(
 
 
 @pytest.mark.usefixtures("redis")
-async def test_cancel_on_disconnect_stops_a_silent_model(settings: Settings, redis: Redis) -> None:
+async def test_cancel_on_disconnect_stops_a_silent_model(
+    settings: Settings, redis: RedisClient
+) -> None:
     # The model pauses 5 s between tokens; nobody watches after the first: cancelled meanwhile.
     silent = dataclasses.replace(settings, mock_token_delay_ms=5000.0, cancel_grace_s=1.0)
     async with start_stack(silent, linger_s=0.0) as stack:

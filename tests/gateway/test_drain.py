@@ -12,9 +12,10 @@ import httpx
 import orjson
 import pytest
 
+from shared.redis_client import RedisClient
 from shared.settings import Settings
-from tests.support import SseEvent, parse_sse, read_stream, start_stack
-from tokenrelay.stack import free_port
+from tests.support import SseEvent, eventually, parse_sse, read_stream, start_stack
+from tokenrelay.local_redis import free_port
 from worker.backends.mock import mock_text
 
 
@@ -37,7 +38,7 @@ async def test_draining_ends_streams_with_a_retry_hint_and_clients_resume_elsewh
                 if raw.count(b"data:") == 5:
                     leaving.hub.drain()
         first = parse_sse(raw)
-        assert raw.endswith(b"retry: 123\n: this gateway is shutting down; reconnect\n\n")
+        assert raw.endswith(b"retry: 123\n: this gateway is shutting down; reconnect\n")
         assert first.events[-1].data != "[DONE]"  # ended early, not finished
         async with staying.client() as client:
             _, rest = await read_stream(
@@ -47,6 +48,28 @@ async def test_draining_ends_streams_with_a_retry_hint_and_clients_resume_elsewh
                 headers={"Last-Event-ID": first.events[-1].id or ""},
             )
     assert _text(first.events + parse_sse(rest).events) == mock_text("hand over", 60)
+
+
+async def test_a_join_waiting_for_redis_when_draining_starts_is_sent_elsewhere(
+    settings: Settings, redis: RedisClient
+) -> None:
+    """Not a 500 when the server's shutdown timeout cancels it: a retry hint, at once."""
+    async with start_stack(settings) as stack, stack.client() as client:
+        answered = await client.post(
+            "/chat/stream", json={"prompt": "wait", "max_tokens": 3, "stream": False}
+        )
+        message_id = answered.json()["id"]
+        await redis.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # its tail cannot start
+        try:
+            joining = asyncio.ensure_future(client.get(f"/chat/stream/{message_id}"))
+            await eventually(lambda: message_id in stack.hub._tails)
+            stack.hub.drain()
+            response = await asyncio.wait_for(joining, 2)  # before Redis answers again
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+    assert response.status_code == 200
+    assert response.text.startswith("retry: ")
+    assert "shutting down" in response.text
 
 
 def _text(events: list[SseEvent]) -> str:
@@ -61,6 +84,7 @@ async def test_sigterm_drains_a_gateway_process(settings: Settings) -> None:
         **os.environ,
         "REDIS_URL": paced.effective_redis_url,
         "TOKENRELAY_SHUTDOWN_GRACE_S": "30",
+        "TOKENRELAY_AUTH": "off",
     }
     gateway = await asyncio.create_subprocess_exec(
         sys.executable,

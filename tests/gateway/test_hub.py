@@ -10,15 +10,20 @@ from collections.abc import AsyncIterator
 import httpx
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from gateway.app import LIVE_CONNECTION_NAME
-from gateway.hub import Gap, Item, LiveBatch, Subscriber
+from gateway.hub import Hub
+from gateway.positions import Gap, Item
+from gateway.subscriber import Subscriber
+from gateway.tail import Batch
 from shared import keys
 from shared.events import EntryId, Event, Kind
 from shared.messages import Job, new_message_id, submit
+from shared.redis_client import RedisClient
 from shared.settings import Settings
 from tests.support import (
+    ON_BOTH,
+    PARTITIONS,
     SseEvent,
     Stack,
     eventually,
@@ -33,7 +38,7 @@ from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
 
-async def _redis_reads(redis: Redis) -> int:
+async def _redis_reads(redis: RedisClient) -> int:
     """Stream reads Redis has served since the last CONFIG RESETSTAT (any client)."""
     stats = await redis.info("commandstats")
     return sum(
@@ -55,14 +60,21 @@ async def _submit(stack: Stack, prompt: str, max_tokens: int) -> str:
         return response.headers["x-message-id"]
 
 
+async def _subscribe(hub: Hub, message_id: str) -> Subscriber:
+    """A subscriber of ``message_id`` from its start, located as a GET locates it."""
+    start = await hub.locate(message_id, None)
+    assert start is not None
+    return hub.subscribe(message_id, start)
+
+
 async def _attached_and_writer(
-    stack: Stack, redis: Redis, appends: ScriptBatch, prompt: str
+    stack: Stack, redis: RedisClient, appends: ScriptBatch, prompt: str
 ) -> tuple[str, asyncio.Task[list[Item]], StreamWriter]:
     """A message with one subscriber attached to its tail, and a writer that owns it (no worker)."""
     message_id = await _submit(stack, prompt, 3)
-    subscriber = stack.hub.subscribe(message_id)
+    subscriber = await _subscribe(stack.hub, message_id)
     task = asyncio.create_task(_drain(subscriber))
-    await eventually(lambda: not subscriber._catching_up)
+    await eventually(lambda: subscriber.live)
     writer = StreamWriter(redis, appends, message_id, "test-owner", ttl_ms=60_000, maxlen=100)
     assert await writer.claim() == "ok"
     return message_id, task, writer
@@ -79,17 +91,15 @@ async def _drain(subscriber: Subscriber) -> list[Item]:
 
 
 async def _fan_out_reads(
-    settings: Settings, redis: Redis, subscribers: int, tokens: int
+    settings: Settings, redis: RedisClient, subscribers: int, tokens: int
 ) -> tuple[int, int]:
     """(reads while subscribers joined, reads while `tokens` tokens were generated)."""
     async with start_stack(settings, worker=False) as stack:
         message_id = await _submit(stack, "fan out", tokens)
         await redis.config_resetstat()
-        readers = [stack.hub.subscribe(message_id) for _ in range(subscribers)]
+        readers = [await _subscribe(stack.hub, message_id) for _ in range(subscribers)]
         tasks = [asyncio.create_task(_drain(r)) for r in readers]
-        await eventually(
-            lambda: stack.hub.tail_count > 0 and not any(r._catching_up for r in readers)
-        )
+        await eventually(lambda: stack.hub.tail_count > 0 and all(r.live for r in readers))
         joined = await _redis_reads(redis)
         await redis.config_resetstat()
         async with run_worker(settings):
@@ -102,7 +112,7 @@ async def _fan_out_reads(
 
 
 async def test_redis_reads_do_not_grow_with_subscribers_or_tokens(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     one_join, one_live = await _fan_out_reads(settings, redis, subscribers=1, tokens=100)
     fifty_join, fifty_live = await _fan_out_reads(settings, redis, subscribers=50, tokens=100)
@@ -114,6 +124,7 @@ async def test_redis_reads_do_not_grow_with_subscribers_or_tokens(
     assert fifty_join <= 3 * 50
 
 
+@ON_BOTH
 async def test_subscribers_of_one_message_see_identical_sequences(stack: Stack) -> None:
     async with stack.client() as client:
         message_id = await _submit(stack, "many eyes", 60)
@@ -130,6 +141,7 @@ async def test_subscribers_of_one_message_see_identical_sequences(stack: Stack) 
     ]
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_slow_subscriber_loses_nothing_and_does_not_hold_up_a_fast_one(
     settings: Settings,
@@ -137,18 +149,19 @@ async def test_slow_subscriber_loses_nothing_and_does_not_hold_up_a_fast_one(
     small_backlog = dataclasses.replace(settings, subscriber_backlog=4)
     async with start_stack(small_backlog, worker=False) as stack:
         message_id = await _submit(stack, "slow and fast", 200)
-        fast, slow = stack.hub.subscribe(message_id), stack.hub.subscribe(message_id)
+        fast = await _subscribe(stack.hub, message_id)
+        slow = await _subscribe(stack.hub, message_id)
         fast_task = asyncio.create_task(_drain(fast))
         # Attach the slow one (its first read finds nothing); after that it reads nothing until
         # the fast one has everything.
         slow_first = asyncio.create_task(slow.next_batch())
-        await eventually(lambda: not fast._catching_up and not slow._catching_up)
+        await eventually(lambda: fast.live and slow.live)
         async with run_worker(small_backlog):
             fast_items = await fast_task  # completes while the slow one has read one batch
             first_batch = await slow_first
             assert first_batch is not None
             assert len(slow._pending) <= small_backlog.subscriber_backlog
-            assert slow._catching_up  # it was detached, not buffered without bound
+            assert not slow.live  # it was detached, not buffered without bound
             slow_items = first_batch + await _drain(slow)
     assert len(fast_items) == 203
     assert _ids(slow_items) == _ids(fast_items)
@@ -156,7 +169,7 @@ async def test_slow_subscriber_loses_nothing_and_does_not_hold_up_a_fast_one(
 
 
 async def test_disconnect_releases_the_subscriber_and_generation_goes_on(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     slow_model = dataclasses.replace(settings, mock_token_delay_ms=10.0)
     async with start_stack(slow_model, linger_s=0.0) as stack, stack.client() as client:
@@ -174,7 +187,7 @@ async def test_disconnect_releases_the_subscriber_and_generation_goes_on(
     assert len(parse_sse(raw).events) == 51
 
 
-async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Redis) -> None:
+async def test_lost_live_connection_loses_no_event(settings: Settings, redis: RedisClient) -> None:
     """Kill the gateway's subscribed connection mid-stream: the tail re-reads what it missed."""
     paced = dataclasses.replace(settings, mock_token_delay_ms=5.0)
     async with start_stack(paced) as stack, stack.client() as client:
@@ -200,7 +213,7 @@ async def test_lost_live_connection_loses_no_event(settings: Settings, redis: Re
 
 
 async def test_gap_in_announcements_triggers_a_re_read(
-    settings: Settings, redis: Redis, appends: ScriptBatch
+    settings: Settings, redis: RedisClient, appends: ScriptBatch
 ) -> None:
     """An announcement that never arrives is noticed from the next one's sequence number."""
     async with start_stack(settings, worker=False) as stack:
@@ -208,7 +221,8 @@ async def test_gap_in_announcements_triggers_a_re_read(
         # Event 0 is written the way the append script writes it, minus its announcement.
         await redis.xadd(keys.message_stream(message_id), {"n": "0", "k": "chunk", "d": '"lost "'})
         await redis.hset(keys.message_meta(message_id), "seq", "1")
-        reads = stack.hub.reads
+        assert await writer.claim() == "ok"  # the same attempt again: it writes event 1 next
+        reads = stack.hub.counters.reads
         await writer.append(Kind.CHUNK, b'"found"')
         await writer.append(Kind.DONE, b"")
         items = await task
@@ -218,10 +232,10 @@ async def test_gap_in_announcements_triggers_a_re_read(
         (2, b""),
     ]
     assert not any(isinstance(item, Gap) for item in items)
-    assert stack.hub.reads > reads  # the tail re-read the stream to find event 0
+    assert stack.hub.counters.reads > reads  # the tail re-read the stream to find event 0
 
 
-async def _kill_live_connection(redis: Redis) -> int:
+async def _kill_live_connection(redis: RedisClient) -> int:
     clients = await redis.client_list()
     ids = [c["id"] for c in clients if c.get("name") == LIVE_CONNECTION_NAME]
     for client_id in ids:
@@ -235,7 +249,7 @@ def _ids(items: list[Item]) -> list[str]:
 
 @pytest.mark.usefixtures("redis")
 async def test_a_lost_final_announcement_is_found_by_the_quiet_check(
-    settings: Settings, redis: Redis, appends: ScriptBatch
+    settings: Settings, redis: RedisClient, appends: ScriptBatch
 ) -> None:
     quick = dataclasses.replace(settings, heartbeat_s=0.2)
     async with start_stack(quick, worker=False) as stack:
@@ -252,7 +266,7 @@ async def test_a_lost_final_announcement_is_found_by_the_quiet_check(
 
 @pytest.mark.usefixtures("redis")
 async def test_a_message_that_expires_under_its_clients_ends_their_streams(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     quick = dataclasses.replace(settings, heartbeat_s=0.2)
     async with start_stack(quick, worker=False) as stack, stack.client() as client:
@@ -270,11 +284,11 @@ async def test_a_message_that_expires_under_its_clients_ends_their_streams(
 
 
 async def test_an_announcement_it_cannot_read_does_not_stop_the_others(
-    stack: Stack, redis: Redis
+    stack: Stack, redis: RedisClient
 ) -> None:
     async with stack.client() as client:
         message_id = await _submit(stack, "poison", 40)
-        await redis.publish(keys.message_channel(message_id), b"1-1 0 kind-from-the-future {}")
+        await redis.spublish(keys.message_channel(message_id), b"1-1 0 kind-from-the-future {}")
         _, raw = await read_stream(client, "GET", f"/chat/stream/{message_id}")
         message_id_2, events, _ = await post_stream(client, "after poison", 10)
     assert parse_sse(raw).events[-1].data == "[DONE]"
@@ -283,7 +297,7 @@ async def test_an_announcement_it_cannot_read_does_not_stop_the_others(
 
 
 async def test_reconnects_near_the_live_end_are_answered_from_memory(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     paced = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0)
     async with start_stack(paced) as stack, stack.client() as client:
@@ -293,16 +307,16 @@ async def test_reconnects_near_the_live_end_are_answered_from_memory(
             # The first resume reads the message's meta from Redis and leaves it with the tail.
             await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[3]})
             await redis.config_resetstat()
-            reads = stack.hub.reads
+            reads = stack.hub.counters.reads
             _, resumed = await read_stream(client, "GET", url, headers={"Last-Event-ID": ids[5]})
             assert await _redis_reads(redis) == 0  # neither locating nor catching up read Redis
-            assert stack.hub.reads == reads
+            assert stack.hub.counters.reads == reads
         _, whole = await read_stream(client, "GET", url)
     assert parse_sse(resumed).events == parse_sse(whole).events[6:]
 
 
 async def test_a_join_that_starts_the_tail_leaves_it_what_later_joins_need(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     paced = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0)
     message_id = new_message_id()
@@ -310,7 +324,7 @@ async def test_a_join_that_starts_the_tail_leaves_it_what_later_joins_need(
         # Submitted behind the gateway's back: the first GET is the first this gateway hears of
         # the message, and its subscriber starts the tail.
         job = Job(message_id=message_id, prompt="cold", max_tokens=60, model="mock")
-        await submit(redis, job, ttl_ms=60_000, model="mock")
+        await submit(redis, job, ttl_ms=60_000, model="mock", partitions=PARTITIONS)
         url = f"/chat/stream/{message_id}"
         async with client.stream("GET", url) as response:
             raw = b""
@@ -327,7 +341,7 @@ async def test_a_join_that_starts_the_tail_leaves_it_what_later_joins_need(
 
 
 async def test_a_cursor_older_than_the_memory_is_read_from_redis(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     small = dataclasses.replace(settings, mock_token_delay_ms=20.0, coalesce_ms=0, live_replay=3)
     async with start_stack(small) as stack, stack.client() as client:
@@ -365,31 +379,33 @@ class _RecordingSink:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    def offer(self, batch: LiveBatch) -> bool:
+    def offer(self, batch: Batch) -> bool:
         self.batches.append([e.raw_id.decode() for e in batch.events])
         return True
 
 
 @pytest.mark.usefixtures("redis")
 async def test_announcements_read_together_reach_a_live_client_in_one_batch(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     async with start_stack(settings, worker=False) as stack:
         message_id = await _submit(stack, "together", 5)
-        subscriber = stack.hub.subscribe(message_id)
+        subscriber = await _subscribe(stack.hub, message_id)
         sink = subscriber.sink = _RecordingSink()
         task = asyncio.create_task(_drain(subscriber))
-        await eventually(lambda: not subscriber._catching_up)
+        await eventually(lambda: subscriber.live)
         ids = await _announce_together(stack, redis, message_id, 4)
         assert sink.batches == []  # handed on once the read's announcements are all in
         await eventually(lambda: bool(sink.batches))
         assert sink.batches == [ids]
-        assert str(subscriber._last_id) == ids[-1]
+        assert subscriber.position == ids[-1]
         subscriber.close()
         assert await task == []
 
 
-async def _announce_together(stack: Stack, redis: Redis, message_id: str, count: int) -> list[str]:
+async def _announce_together(
+    stack: Stack, redis: RedisClient, message_id: str, count: int
+) -> list[str]:
     """Write ``count`` chunks to the message's stream and announce them to the hub the way the
     subscribed connection's reader hands on the replies of one socket read: one after another,
     without yielding in between. Returns their ids."""
@@ -407,24 +423,24 @@ async def _announce_together(stack: Stack, redis: Redis, message_id: str, count:
 class _BrokenSink:
     """A live client whose writes fail."""
 
-    def offer(self, batch: LiveBatch) -> bool:
+    def offer(self, batch: Batch) -> bool:
         raise RuntimeError("this client's write failed")
 
 
 @pytest.mark.usefixtures("redis")
 async def test_a_client_whose_live_delivery_fails_does_not_hold_up_the_others(
-    settings: Settings, redis: Redis, caplog: pytest.LogCaptureFixture
+    settings: Settings, redis: RedisClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with start_stack(settings, worker=False) as stack:
         first, second = await _submit(stack, "one", 5), await _submit(stack, "two", 5)
-        broken, fine = stack.hub.subscribe(first), stack.hub.subscribe(first)
-        other = stack.hub.subscribe(second)
+        broken, fine = await _subscribe(stack.hub, first), await _subscribe(stack.hub, first)
+        other = await _subscribe(stack.hub, second)
         broken.sink = _BrokenSink()
         fine_sink = fine.sink = _RecordingSink()
         other_sink = other.sink = _RecordingSink()
         tasks = [asyncio.create_task(_drain(s)) for s in (fine, other)]
         broken_batch = asyncio.create_task(broken.next_batch())
-        await eventually(lambda: not any(s._catching_up for s in (broken, fine, other)))
+        await eventually(lambda: all(s.live for s in (broken, fine, other)))
         # The broken client's tail is flushed first, in the same flush as the other message's.
         first_ids = await _announce_together(stack, redis, first, 3)
         second_ids = await _announce_together(stack, redis, second, 2)
@@ -443,14 +459,14 @@ async def test_a_client_whose_live_delivery_fails_does_not_hold_up_the_others(
 
 @pytest.mark.usefixtures("redis")
 async def test_more_events_at_once_than_the_backlog_are_read_from_the_stream_at_once(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     small_backlog = dataclasses.replace(settings, subscriber_backlog=4, heartbeat_s=30.0)
     async with start_stack(small_backlog, worker=False) as stack:
         message_id = await _submit(stack, "a burst", 10)
-        subscriber = stack.hub.subscribe(message_id)  # no sink: its events queue
+        subscriber = await _subscribe(stack.hub, message_id)  # no sink: its events queue
         waiting = asyncio.create_task(subscriber.next_batch())
-        await eventually(lambda: not subscriber._catching_up)
+        await eventually(lambda: subscriber.live)
         ids = await _announce_together(stack, redis, message_id, 6)
         # Six events do not fit a backlog of 4: the subscriber reads them from the stream
         # (and is woken to do it, not left asleep until a heartbeat).
@@ -458,3 +474,51 @@ async def test_more_events_at_once_than_the_backlog_are_read_from_the_stream_at_
         assert items is not None
         assert [e.raw_id.decode() for e in items if isinstance(e, Event)] == ids
         subscriber.close()
+
+
+@pytest.mark.parametrize("events", [30, 700])
+async def test_concurrent_cold_joins_of_a_message_share_its_reads(
+    settings: Settings, redis: RedisClient, appends: ScriptBatch, events: int
+) -> None:
+    """40 clients join a message this gateway does not follow yet, all at once: one read
+    starts its tail for all of them, and those reading from further back share their reads."""
+    message_id = new_message_id()
+    await submit(
+        redis, Job(message_id, "cold joins", 1), ttl_ms=60_000, model="m", partitions=PARTITIONS
+    )
+    writer = StreamWriter(redis, appends, message_id, "test", ttl_ms=60_000, maxlen=10_000)
+    assert await writer.claim() == "ok"
+    for i in range(events):
+        await writer.append(Kind.CHUNK, orjson.dumps(f"t{i} "))
+    await writer.append(Kind.DONE, b"")
+    async with start_stack(settings, worker=False) as stack, stack.client() as client:
+        await redis.config_resetstat()
+        url = f"/chat/stream/{message_id}"
+        answers = await asyncio.gather(*(read_stream(client, "GET", url) for _ in range(40)))
+        reads = await _redis_reads(redis)
+    assert all(parse_sse(raw).events == parse_sse(answers[0][1]).events for _, raw in answers)
+    assert len(parse_sse(answers[0][1]).events) == events + 1
+    # The tail's start (meta and newest 512 events); for a message longer than that, one
+    # read of 512 from its start too, shared by all 40, after which memory covers the rest.
+    assert reads == (1 if events < 512 else 2)
+
+
+async def test_a_tails_memory_is_bounded_by_bytes_and_joins_still_get_everything(
+    settings: Settings, redis: RedisClient, appends: ScriptBatch
+) -> None:
+    """Big events: the tail keeps at most TOKENRELAY_LIVE_REPLAY_BYTES of them (not 512);
+    a client joining from the start reads the rest from Redis, in order."""
+    small = dataclasses.replace(settings, live_replay_bytes=4096)
+    async with start_stack(small, worker=False) as stack:
+        message_id, task, writer = await _attached_and_writer(stack, redis, appends, "big")
+        texts = [orjson.dumps(f"{i:02d}" + "x" * 1000) for i in range(20)]
+        for text in texts:
+            await writer.append(Kind.CHUNK, text)
+        await writer.append(Kind.DONE, b"")
+        live = await task
+        tail = stack.hub.warm_tail(message_id)
+        assert tail is not None
+        assert 0 < tail.held_bytes <= 4096
+        joined = await _drain(await _subscribe(stack.hub, message_id))
+    for items in (live, joined):
+        assert [e.data for e in items if isinstance(e, Event)] == [*texts, b""]

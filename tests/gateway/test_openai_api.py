@@ -10,13 +10,13 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
-from redis.asyncio import Redis
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from shared import keys
 from shared.messages import prompt_of
+from shared.redis_client import RedisClient
 from shared.settings import Settings
-from tests.support import Stack, parse_sse, read_stream, start_stack
+from tests.support import ON_BOTH, Stack, parse_sse, queued_jobs, read_stream, start_stack
 from worker.backends.mock import mock_text
 
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -29,6 +29,7 @@ def _client(stack: Stack) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
 
 
+@ON_BOTH
 async def test_streaming_matches_non_streaming_with_role_finish_and_usage(stack: Stack) -> None:
     client = _client(stack)
     stream = await client.chat.completions.create(
@@ -93,11 +94,27 @@ async def test_errors_arrive_as_the_packages_own_exceptions(stack: Stack) -> Non
 
     with pytest.raises(openai.APIError, match="mock model failed after 3 tokens"):
         await consume_failing_stream()
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "[[fail_after=1]]"}]
+        )
+    await client.close()
+    # One shape streamed or not, and no retry of a failure that would happen again.
+    assert failed.value.code == "model_error"
+    assert failed.value.type == "server_error"
+    assert failed.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_a_deterministic_failure_is_generated_once_by_a_retrying_client(
+    stack: Stack, redis: RedisClient
+) -> None:
+    client = openai.AsyncOpenAI(api_key="x", base_url=f"{stack.url}/v1", max_retries=2)
     with pytest.raises(openai.InternalServerError):
         await client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "[[fail_after=1]]"}]
         )
     await client.close()
+    assert len([k async for k in redis.scan_iter(match="tr:{*}:meta")]) == 1
 
 
 @pytest.mark.parametrize(
@@ -122,6 +139,22 @@ async def test_errors_arrive_as_the_packages_own_exceptions(stack: Stack) -> Non
             "messages",
             "context_length_exceeded",
         ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages[0].content[0].text",
+            "invalid_type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [None]}]},
+            "messages[0].content[0]",
+            "invalid_type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [["text"]]}]},
+            "messages[0].content[0]",
+            "invalid_type",
+        ),
+        ({"messages": MESSAGES, "model": "m" * 257}, "model", "invalid_value"),
     ],
 )
 async def test_invalid_requests_get_openai_errors(
@@ -144,6 +177,26 @@ async def test_unparseable_body_is_an_openai_400(stack: Stack) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+async def test_every_error_of_the_openai_routes_has_an_openai_type(stack: Stack) -> None:
+    """OpenAI's clients know invalid_request_error and server_error; the gateway's own name
+    of an error moves to its code there (the seed routes keep their names)."""
+    missing = "A" * 22
+    async with stack.client() as client:
+        answers = {
+            "not_found": await client.get(f"/v1/chat/completions/{missing}/stream"),
+            "bad_request": await client.get(
+                f"/v1/chat/completions/{missing}/stream", headers={"Last-Event-ID": "x"}
+            ),
+            "method_not_allowed": await client.delete("/v1/chat/completions"),
+        }
+        seed = await client.get(f"/chat/stream/{missing}")
+    for code, answer in answers.items():
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", code), answer.text
+    assert seed.json()["error"]["type"] == "not_found"
+
+
+@ON_BOTH
 async def test_every_frame_resumes_in_the_chunk_format_usage_included(stack: Stack) -> None:
     async with stack.client() as client:
         response, raw = await read_stream(
@@ -206,7 +259,7 @@ async def test_seed_and_openai_formats_read_the_same_message(settings: Settings)
     assert parse_sse(raw).events[-1].data == "[DONE]"
 
 
-async def test_redis_key_count_is_bounded(stack: Stack, redis: Redis) -> None:
+async def test_redis_key_count_is_bounded(stack: Stack, redis: RedisClient) -> None:
     client = _client(stack)
     await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3)
     await client.close()
@@ -232,7 +285,7 @@ async def test_heartbeats_do_not_trip_the_openai_package(settings: Settings) -> 
 
 @pytest.mark.usefixtures("redis")
 async def test_trimmed_history_and_vanished_messages_are_errors_to_the_sdk(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     trimmed = dataclasses.replace(settings, stream_maxlen=5, heartbeat_s=0.2)
     async with start_stack(trimmed) as stack, stack.client() as client:
@@ -264,3 +317,65 @@ async def test_trimmed_history_and_vanished_messages_are_errors_to_the_sdk(
         await redis.delete(keys.message_meta(message_id), keys.message_stream(message_id))
         raw = await asyncio.wait_for(response.aread(), 5)
     assert orjson.loads(parse_sse(raw).events[-1].data)["error"]["code"] == "message_lost"
+
+
+async def test_bad_requests_write_nothing(stack: Stack, redis: RedisClient) -> None:
+    """Refused before any write: a pass-through field nested past what a message can hold,
+    content parts of the wrong shape, an overlong model."""
+    nested: Any = "deep"
+    for _ in range(300):
+        nested = [nested]
+    bodies = [
+        {"messages": MESSAGES, "metadata": {"x": nested}},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+        {"messages": MESSAGES, "model": "m" * 10_000},
+    ]
+    async with stack.client() as client:
+        for body in bodies:
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["type"] == "invalid_request_error"
+    assert await redis.keys("tr:{*}:meta") == []
+    assert await queued_jobs(redis) == 0
+
+
+async def test_the_openai_client_resumes_a_chat_stream_after_the_chunks_it_has(
+    stack: Stack,
+) -> None:
+    """The README's example: the client keeps SSE ids to itself, so it resumes by count."""
+    client = openai.AsyncOpenAI(api_key="x", base_url=f"{stack.url}/v1", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, max_tokens=30, stream=True
+    )
+    message_id = raw.headers["x-message-id"]
+    chunks = raw.parse()
+    have: list[str] = []
+    async for chunk in chunks:
+        have.append(chunk.choices[0].delta.content or "")
+        if len(have) == 10:
+            break  # the connection drops
+    await chunks.close()
+    rest = await client.get(
+        f"/chat/completions/{message_id}/stream",
+        cast_to=ChatCompletionChunk,
+        options={"params": {"after_chunk": len(have)}},
+        stream=True,
+        stream_cls=openai.AsyncStream[ChatCompletionChunk],
+    )
+    async for chunk in rest:
+        have.extend(choice.delta.content or "" for choice in chunk.choices)
+    with pytest.raises(openai.BadRequestError, match="no chunk 999"):
+        await client.get(
+            f"/chat/completions/{message_id}/stream",
+            cast_to=httpx.Response,
+            options={"params": {"after_chunk": 999}},
+        )
+    for not_a_count in ("\u00b2", "\u0661", "-1", "1e3"):  # superscript 2, Arabic-Indic 1
+        with pytest.raises(openai.BadRequestError, match="must be a count of chunks"):
+            await client.get(
+                f"/chat/completions/{message_id}/stream",
+                cast_to=httpx.Response,
+                options={"params": {"after_chunk": not_a_count}},
+            )
+    await client.close()
+    assert "".join(have) == mock_text(prompt_of([dict(m) for m in MESSAGES]), 30)

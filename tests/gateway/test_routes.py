@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pathlib
+import signal
 from typing import cast
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis_client import RedisClient
 from shared.settings import Settings
 from tests.support import (
+    ON_BOTH,
     Stack,
     content_of,
+    eventually,
     parse_sse,
     post_stream,
+    queued_jobs,
     read_stream,
     run_worker,
     start_stack,
 )
+from tokenrelay.local_redis import answers, binary, free_port, redis_server_argv
 from worker.backends.mock import mock_text, mock_tokens
 
 
+@ON_BOTH
 async def test_post_streams_the_exact_wire_format(stack: Stack) -> None:
     async with stack.client() as client:
         response, raw = await read_stream(
@@ -40,7 +47,7 @@ async def test_post_streams_the_exact_wire_format(stack: Stack) -> None:
     assert response.headers["x-accel-buffering"] == "no"
     assert "content-length" not in response.headers
     ids = await _entry_ids(stack, message_id)
-    expected = b"retry: %d\n\n" % stack.settings.retry_ms
+    expected = b"retry: %d\n" % stack.settings.retry_ms
     for entry_id, token in zip(ids, mock_tokens("wire", 3), strict=False):
         data = orjson.dumps({"id": message_id, "content": token})
         expected += b"id: " + entry_id.encode() + b"\ndata: " + data + b"\n\n"
@@ -62,6 +69,7 @@ async def test_message_ids_are_unguessable(stack: Stack) -> None:
     assert all(len(i) == 22 for i in ids)  # 16 random bytes, base64url
 
 
+@ON_BOTH
 async def test_stream_false_answers_the_whole_text(stack: Stack) -> None:
     async with stack.client() as client:
         response = await client.post(
@@ -75,6 +83,7 @@ async def test_stream_false_answers_the_whole_text(stack: Stack) -> None:
     }
 
 
+@ON_BOTH
 async def test_resume_at_every_position_of_a_finished_stream(stack: Stack) -> None:
     async with stack.client() as client:
         message_id, full, _ = await post_stream(client, "finished", 25)
@@ -112,6 +121,7 @@ async def test_query_parameter_resumes_and_the_header_wins(stack: Stack) -> None
         assert parse_sse(raw).events == full.events[7:]
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_resume_at_every_position_of_a_live_stream(settings: Settings) -> None:
     """Every event id, taken while the answer is still being generated, resumes with no gap and
@@ -214,12 +224,14 @@ async def test_heartbeats_keep_an_idle_stream_alive(settings: Settings) -> None:
         async with client.stream("GET", f"/chat/stream/{message_id}") as response:
             async for chunk in response.aiter_bytes():
                 raw += chunk
-                if raw.count(b": ping\n\n") >= 2:
+                if raw.count(b": ping\n") >= 2:
                     break
     assert parse_sse(raw).comments == ["ping", "ping"]
 
 
-async def test_finished_stream_expires_after_its_ttl(settings: Settings, redis: Redis) -> None:
+async def test_finished_stream_expires_after_its_ttl(
+    settings: Settings, redis: RedisClient
+) -> None:
     short = dataclasses.replace(settings, stream_ttl_s=1)
     async with start_stack(short) as stack, stack.client() as client:
         message_id, _, _ = await post_stream(client, "ttl", 3)
@@ -231,6 +243,7 @@ async def test_finished_stream_expires_after_its_ttl(settings: Settings, redis: 
     assert response.json()["error"]["type"] == "not_found"
 
 
+@ON_BOTH
 @pytest.mark.usefixtures("redis")
 async def test_cursor_older_than_retained_history_is_signalled(settings: Settings) -> None:
     trimmed = dataclasses.replace(settings, stream_maxlen=5)
@@ -260,6 +273,23 @@ async def test_cursor_older_than_retained_history_is_signalled(settings: Setting
         from_start = parse_sse(raw).events
         assert from_start[0].event == "truncated"
         assert orjson.loads(from_start[0].data)["last_event_id"] is None
+
+
+async def test_a_cursor_past_the_newest_event_starts_again_with_a_reset(stack: Stack) -> None:
+    """An id just past the newest event is one a failover lost (before anyone marked the
+    message): the client is not told 400, it starts again after a reset without an id."""
+    async with stack.client() as client:
+        message_id, live, _ = await post_stream(client, "lost", 3)
+        newest = live.events[-1].id or ""
+        lost = f"{int(newest.split('-')[0]) + 1}-0"
+        _, raw = await read_stream(
+            client, "GET", f"/chat/stream/{message_id}", headers={"Last-Event-ID": lost}
+        )
+        reset, *rest = parse_sse(raw).events
+        assert reset.event == "reset"
+        assert reset.id is None
+        assert orjson.loads(reset.data) == {"id": message_id, "reason": "events_lost"}
+        assert [(e.data, e.id) for e in rest] == [(e.data, e.id) for e in live.events]
 
 
 @pytest.mark.parametrize(
@@ -296,7 +326,7 @@ async def test_cursor_older_than_retained_history_is_signalled(settings: Setting
     ],
 )
 async def test_bad_post_bodies_get_a_json_error(
-    settings: Settings, redis: Redis, body: bytes, status: int, error_type: str, fragment: str
+    settings: Settings, redis: RedisClient, body: bytes, status: int, error_type: str, fragment: str
 ) -> None:
     small = dataclasses.replace(settings, max_prompt_chars=100)
     async with start_stack(small, worker=False) as stack, stack.client() as client:
@@ -307,7 +337,7 @@ async def test_bad_post_bodies_get_a_json_error(
         error = response.json()["error"]
         assert error["type"] == error_type
         assert fragment in error["message"]
-        assert await redis.xlen(keys.JOBS_STREAM) == 0  # nothing was queued
+        assert await queued_jobs(redis) == 0  # nothing was queued
 
 
 async def test_accept_that_excludes_the_answer_is_406(stack: Stack) -> None:
@@ -364,6 +394,33 @@ async def test_unknown_message_is_404(stack: Stack) -> None:
             assert response.json()["error"]["type"] == "not_found"
 
 
+@pytest.mark.usefixtures("redis")
+async def test_readiness_answers_within_seconds_while_redis_is_stopped(
+    settings: Settings, tmp_path: pathlib.Path
+) -> None:
+    port = free_port()
+    argv = redis_server_argv(binary("redis-server"), port, str(tmp_path))
+    server = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
+    try:
+        private = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
+        await eventually(lambda: answers(port))
+        async with start_stack(private, worker=False) as stack, stack.client() as client:
+            assert (await client.get("/readyz")).status_code == 200
+            server.send_signal(signal.SIGSTOP)
+            try:
+                async with asyncio.timeout(10):  # the client's retries alone take 40 s
+                    stalled = await client.get("/readyz")
+            finally:
+                server.send_signal(signal.SIGCONT)
+            assert stalled.status_code == 503
+            assert stalled.json()["error"]["type"] == "unavailable"
+            assert stalled.headers["retry-after"] == "1"
+            assert (await client.get("/readyz")).status_code == 200
+    finally:
+        server.kill()
+        await server.wait()
+
+
 async def test_health_endpoints(stack: Stack) -> None:
     async with stack.client() as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
@@ -374,6 +431,6 @@ async def test_health_endpoints(stack: Stack) -> None:
 
 
 async def _entry_ids(stack: Stack, message_id: str) -> list[str]:
-    redis: Redis = stack.app.state.gateway.redis
+    redis: RedisClient = stack.app.state.gateway.redis
     entries = cast(list[tuple[bytes, object]], await redis.xrange(keys.message_stream(message_id)))
     return [raw_id.decode() for raw_id, _ in entries]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from shared import keys
 from shared.events import EntryId, Event, Kind
@@ -46,3 +49,18 @@ def test_every_key_of_a_message_shares_one_cluster_hash_tag() -> None:
     assert {name[name.index("{") : name.index("}") + 1] for name in names} == {
         "{" + message_id + "}"
     }
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 16, 64])
+def test_job_partitions_lie_evenly_over_the_slot_range(partitions: int) -> None:
+    """So that any cluster whose shards hold even stretches of slots (as ``redis-cli
+    --cluster create`` makes them) gets the partitions evenly."""
+    slots = [key_slot(keys.jobs_stream(p, partitions).encode()) for p in range(partitions)]
+    width = REDIS_CLUSTER_HASH_SLOTS / partitions
+    assert [int(slot // width) for slot in slots] == list(range(partitions))
+    for p in range(partitions):  # a partition's dead letters live in its slot
+        dead = key_slot(keys.jobs_dead_stream(p, partitions).encode())
+        assert dead == slots[p]
+    spread = Counter(keys.job_partition(f"m{i:021d}", partitions) for i in range(10_000))
+    assert len(spread) == partitions
+    assert max(spread.values()) < 1.25 * 10_000 / partitions

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from redis.asyncio import Connection, Redis
+from redis.asyncio import Connection
 
 from shared.live import LiveChannels
-from shared.redis_client import RedisConnector
+from shared.redis_client import RedisClient, RedisConnector
 from shared.settings import Settings
 from tests.support import eventually
 
@@ -19,7 +19,7 @@ def _listener(
     connector = RedisConnector(settings)
 
     def connect() -> Connection:
-        return connector.dedicated_connection("test-live")
+        return connector.channel_connection("redis", "test-live")
 
     return LiveChannels(
         connect,
@@ -30,25 +30,25 @@ def _listener(
 
 
 async def test_delivers_and_resubscribes_after_the_connection_is_killed(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     received: list[bytes] = []
     resubscribed: list[int] = []
     live = _listener(settings, received, resubscribed, ping_s=5.0)
     task = asyncio.create_task(live.run())
     await live.subscribe(b"ch")
-    await redis.publish("ch", b"one")
+    await redis.spublish("ch", b"one")
     await eventually(lambda: received == [b"one"])
     await redis.client_kill_filter(_type="pubsub")
     await eventually(lambda: resubscribed == [1])
-    await redis.publish("ch", b"two")
+    await redis.spublish("ch", b"two")
     await eventually(lambda: received == [b"one", b"two"])
     await live.aclose()
     await asyncio.wait_for(task, 2)
 
 
 async def test_a_silent_server_is_detected_and_the_connection_replaced(
-    settings: Settings, redis: Redis
+    settings: Settings, redis: RedisClient
 ) -> None:
     received: list[bytes] = []
     resubscribed: list[int] = []
@@ -58,13 +58,13 @@ async def test_a_silent_server_is_detected_and_the_connection_replaced(
     await redis.client_pause(1500)  # Redis answers nobody for 1.5 s
     await eventually(lambda: live.reconnects >= 1, timeout_s=5)
     await eventually(lambda: resubscribed != [], timeout_s=5)
-    await redis.publish("ch", b"after")
+    await redis.spublish("ch", b"after")
     await eventually(lambda: received == [b"after"])
     await live.aclose()
     await asyncio.wait_for(task, 2)
 
 
-async def test_closing_always_ends_it(settings: Settings, redis: Redis) -> None:
+async def test_closing_always_ends_it(settings: Settings, redis: RedisClient) -> None:
     """Whatever it is doing (connecting, subscribing, reading, pinging), aclose() ends run().
     Cancelling alone did not always: Python 3.11 can lose a cancellation inside a timeout."""
     assert await redis.ping()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import pytest
 
 from shared.settings import settings_table
 from tests.support import parse_sse
-from tokenrelay.stack import free_port
+from tokenrelay.local_redis import free_port
 from worker.backends.mock import mock_text
 
 
@@ -86,4 +88,50 @@ def test_dev_mode_embeds_fakeredis_and_serves_resumable_streams() -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown: the conventional signal exit.
     assert process.returncode in (0, -15), output
     assert "embedded fakeredis" in output
+    assert "access control is off" in output  # and it says so
     assert "worker stopped" in output  # the embedded worker shut down before the process ended
+
+
+def test_a_gateway_with_access_control_and_no_secret_does_not_start() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    result = _run("gateway", "--port", str(free_port()), env=env)
+    assert result.returncode == 2
+    assert "TOKENRELAY_TOKEN_SECRET" in result.stderr
+    assert "TOKENRELAY_AUTH=off" in result.stderr
+
+
+def test_keys_are_created_listed_and_revoked_in_redis(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    created = _run("keys", "create", "--tenant", "acme", "--max-concurrent", "3", "--json", env=env)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["key"].startswith(f"trk_{key['id']}_")
+    listed = _run("keys", "list", "--json", env=env)
+    found = {k["id"]: k for k in json.loads(listed.stdout)}
+    assert (found[key["id"]]["tenant"], found[key["id"]]["limits"]["max_concurrent"]) == (
+        "acme",
+        3,
+    )
+    assert key["key"] not in listed.stdout
+    assert "secret" not in listed.stdout
+    assert _run("keys", "revoke", key["id"], env=env).returncode == 0
+    remaining = json.loads(_run("keys", "list", "--json", env=env).stdout)
+    assert key["id"] not in {k["id"] for k in remaining}
+    again = _run("keys", "revoke", key["id"], env=env)
+    assert again.returncode == 1
+    assert "no key" in again.stderr
+    refused = _run("keys", "create", "--tenant", "bad tenant!", env=env)
+    assert refused.returncode == 2
+    assert "tenant" in refused.stderr
+
+
+def test_keys_in_a_key_file(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "keys.json")
+    created = _run("keys", "create", "--tenant", "small", "--file", path, "--json")
+    key = json.loads(created.stdout)
+    stored = json.loads(pathlib.Path(path).read_text())
+    assert stored[0]["id"] == key["id"]
+    assert key["key"] not in pathlib.Path(path).read_text()
+    assert "small" in _run("keys", "list", "--file", path).stdout
+    assert _run("keys", "revoke", key["id"], "--file", path).returncode == 0
+    assert json.loads(pathlib.Path(path).read_text()) == []

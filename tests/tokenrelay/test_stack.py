@@ -10,12 +10,13 @@ import random
 import shutil
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
-from tests.support import CuttingProxy
+from tests.support import PARTITIONS, CuttingProxy
 from tokenrelay.client import (
     Chunk,
     MessageStream,
@@ -24,7 +25,8 @@ from tokenrelay.client import (
     StreamFailed,
     TokenrelayClient,
 )
-from tokenrelay.stack import LocalStack, free_port, free_port_block, local_stack
+from tokenrelay.local_redis import free_port, free_port_block
+from tokenrelay.stack import LocalStack, local_stack
 from tokenrelay.topology import Topology
 from worker.backends.mock import mock_text
 
@@ -144,7 +146,11 @@ async def _generates(stack: LocalStack, pid: int) -> bool:
 
     redis = Redis.from_url(stack.redis_url)
     try:
-        consumers = await redis.xinfo_consumers(keys.JOBS_STREAM, keys.JOBS_GROUP)
+        consumers = []
+        for partition in range(PARTITIONS):
+            stream = keys.jobs_stream(partition, PARTITIONS)
+            if await redis.exists(stream):
+                consumers += await redis.xinfo_consumers(stream, keys.JOBS_GROUP)
     finally:
         await redis.aclose()
     return any(c["pending"] and f":{pid}:" in c["name"].decode() for c in consumers)
@@ -296,3 +302,88 @@ def test_a_port_something_listens_on_is_passed_over(monkeypatch: pytest.MonkeyPa
         port = free_port()
     assert draws[0] == busy
     assert port == draws[-1] != busy
+
+
+@pytest.mark.timeout(90)
+async def test_the_stack_starts_again_a_process_that_dies() -> None:
+    async with _stack(gateways=1, workers=1) as stack:
+        gateway, worker = stack.gateways["gateway-1"], stack.workers["worker-1"]
+        gateway.send_signal(signal.SIGKILL)
+        worker.send_signal(signal.SIGTERM)
+        for _ in range(400):
+            if stack.members["gateway-1"].restarts and stack.members["worker-1"].restarts:
+                break
+            await asyncio.sleep(0.05)
+        assert stack.members["gateway-1"].restarts == 1
+        assert stack.members["worker-1"].restarts == 1
+        assert stack.gateways["gateway-1"] is not gateway
+        assert stack.workers["worker-1"] is not worker
+        async with TokenrelayClient(stack.url, initial_backoff_s=0.05) as client:
+            stream = await client.ask("after a restart", max_tokens=10)
+            text = [piece.text async for piece in stream if isinstance(piece, Chunk)]
+        assert "".join(text) == mock_text("after a restart", 10)
+
+
+async def _cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenrelay",
+        *args,
+        env={**os.environ, **_ENV, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _cli_stack() -> tuple[asyncio.subprocess.Process, tuple[int, ...]]:
+    """``tokenrelay stack`` with one gateway and one worker, serving; and the ports it holds."""
+    lb, redis, base = free_port(), free_port(), free_port_block(1)
+    process = await _cli(
+        "stack", "--gateways", "1", "--workers", "1", "--port", str(lb),
+        "--redis-port", str(redis), "--gateway-base-port", str(base),
+    )  # fmt: skip
+    assert process.stdout is not None
+    banner = await asyncio.wait_for(process.stdout.readline(), 60)
+    assert b"tokenrelay stack: http://127.0.0.1:" in banner
+    assert b"haproxy on 127.0.0.1" in banner
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{lb}") as http:
+        assert (await http.get("/healthz")).status_code == 200
+    return process, (lb, redis, base + 1)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_ctrl_c_stops_the_whole_stack_cleanly() -> None:
+    process, ports = await _cli_stack()
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0
+    assert b"Traceback" not in out + err
+    assert not any(_listening(port) for port in ports)  # nothing is left behind
+
+
+@pytest.mark.timeout(90)
+async def test_a_stack_killed_outright_takes_its_members_with_it() -> None:
+    """SIGKILL (or the OOM killer) gives the stack no chance to stop its members: the kernel
+    sends them SIGTERM when it dies, so no gateway, worker, Redis or haproxy is left holding
+    its port."""
+    process, ports = await _cli_stack()
+    process.kill()
+    await asyncio.wait_for(process.communicate(), 30)
+    await _until(lambda: not any(_listening(port) for port in ports), 30)
+
+
+@pytest.mark.timeout(60)
+async def test_chat_gives_up_on_a_server_that_is_not_there_with_one_line() -> None:
+    process = await _cli("chat", "--url", f"http://127.0.0.1:{free_port()}", "hello")
+    out, err = await asyncio.wait_for(process.communicate(), 45)  # it tries for 15 s
+    assert process.returncode == 1
+    assert out == b""
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("tokenrelay chat: cannot reach http://127.0.0.1:")

@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from shared import keys
 from shared.errors import ModelError
 from shared.events import ZERO_ID, Kind
 from shared.messages import Job, submit
+from shared.redis_client import RedisClient
 from shared.streams import read_after
+from tests.support import PARTITIONS
 from worker.backends.base import GenerationRequest
 from worker.backends.mock import MockBackend, mock_text
 from worker.generation import generate
@@ -23,7 +24,7 @@ from worker.stream_writer import StreamWriter
 MESSAGE = "G" * 22
 
 
-async def _entries(redis: Redis) -> list[tuple[str, str]]:
+async def _entries(redis: RedisClient) -> list[tuple[str, str]]:
     events = await read_after(redis, keys.message_stream(MESSAGE), ZERO_ID, count=1000)
     return [
         (e.kind.value, orjson.loads(e.data) if e.kind is Kind.CHUNK else e.data.decode())
@@ -31,8 +32,8 @@ async def _entries(redis: Redis) -> list[tuple[str, str]]:
     ]
 
 
-async def _writer(redis: Redis, appends: ScriptBatch) -> StreamWriter:
-    await submit(redis, Job(MESSAGE, "p", 1), ttl_ms=60_000, model="test")
+async def _writer(redis: RedisClient, appends: ScriptBatch) -> StreamWriter:
+    await submit(redis, Job(MESSAGE, "p", 1), ttl_ms=60_000, model="test", partitions=PARTITIONS)
     writer = StreamWriter(redis, appends, MESSAGE, "owner", ttl_ms=60_000, maxlen=10_000)
     assert await writer.claim()
     return writer
@@ -56,7 +57,9 @@ class ScriptedModel:
         """Nothing to release."""
 
 
-async def test_zero_window_writes_one_entry_per_token(redis: Redis, appends: ScriptBatch) -> None:
+async def test_zero_window_writes_one_entry_per_token(
+    redis: RedisClient, appends: ScriptBatch
+) -> None:
     writer = await _writer(redis, appends)
     await generate(
         MockBackend(token_delay_s=0), GenerationRequest("per token", 30), writer, coalesce_s=0
@@ -68,7 +71,7 @@ async def test_zero_window_writes_one_entry_per_token(redis: Redis, appends: Scr
 
 
 async def test_window_merges_tokens_but_writes_the_first_at_once(
-    redis: Redis, appends: ScriptBatch
+    redis: RedisClient, appends: ScriptBatch
 ) -> None:
     writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " a", " b", " c"])
@@ -85,7 +88,7 @@ async def test_window_merges_tokens_but_writes_the_first_at_once(
 
 
 async def test_window_flushes_when_it_closes_even_if_the_model_pauses(
-    redis: Redis, appends: ScriptBatch
+    redis: RedisClient, appends: ScriptBatch
 ) -> None:
     writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " held"])
@@ -101,7 +104,7 @@ async def test_window_flushes_when_it_closes_even_if_the_model_pauses(
 
 
 async def test_model_failure_keeps_what_was_generated_then_ends_with_an_error(
-    redis: Redis, appends: ScriptBatch
+    redis: RedisClient, appends: ScriptBatch
 ) -> None:
     writer = await _writer(redis, appends)
     model = ScriptedModel(["first", " second", "!fail"])
@@ -114,7 +117,7 @@ async def test_model_failure_keeps_what_was_generated_then_ends_with_an_error(
 
 
 async def test_unexpected_failure_ends_the_message_and_propagates(
-    redis: Redis, appends: ScriptBatch
+    redis: RedisClient, appends: ScriptBatch
 ) -> None:
     class Broken:
         async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:

@@ -43,7 +43,7 @@ def test_vocabulary_exercises_escaping() -> None:
 
 
 async def test_fail_after_raises_a_model_error_after_n_tokens() -> None:
-    backend = MockBackend(token_delay_s=0)
+    backend = MockBackend(token_delay_s=0, fault_injection=True)
     tokens: list[str] = []
 
     async def consume() -> None:
@@ -53,3 +53,10 @@ async def test_fail_after_raises_a_model_error_after_n_tokens() -> None:
     with pytest.raises(ModelError, match="after 3 tokens"):
         await consume()
     assert tokens == mock_tokens("x [[fail_after=3]]", 10)[:3]
+
+
+async def test_without_fault_injection_the_hooks_are_ordinary_text() -> None:
+    backend = MockBackend(token_delay_s=0)
+    prompt = "x [[fail_after=1]] [[crash_after=2]]"
+    tokens = [str(token) async for token in backend.stream(GenerationRequest(prompt, 10))]
+    assert tokens[:10] == mock_tokens(prompt, 10)

@@ -11,16 +11,16 @@ from typing import Any
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.messages import prompt_of
+from shared.redis_client import RedisClient
 from shared.settings import Settings
 from tests.support import Stack, parse_sse, read_stream, serve, start_stack
-from tokenrelay.stack import free_port
+from tokenrelay.local_redis import free_port
 from worker.backends.mock import mock_text
 
 TOOL_CHUNKS: list[dict[str, Any]] = [
@@ -149,7 +149,7 @@ async def _completion(stack: Stack, model: str, *, stream: bool = True) -> tuple
     return [orjson.loads(e.data) for e in parse_sse(raw).events if e.data != "[DONE]"], raw
 
 
-async def test_relays_another_tokenrelay_end_to_end(settings: Settings, redis: Redis) -> None:
+async def test_relays_another_tokenrelay_end_to_end(settings: Settings, redis: RedisClient) -> None:
     upstream_settings = dataclasses.replace(
         settings, redis_url=settings.effective_redis_url[:-1] + "1"
     )
@@ -236,7 +236,7 @@ async def test_upstream_failures_end_the_message_with_an_error(
         _, raw = await _completion(stack, model)
         events = parse_sse(raw).events
         error = orjson.loads(events[-1].data)["error"]
-        assert error["type"] == "upstream_error"
+        assert (error["type"], error["code"]) == ("server_error", "upstream_error")
         assert fragment in error["message"]
         # The worker is healthy and takes the next job.
         chunks, _ = await _completion(stack, "tools")
@@ -250,7 +250,7 @@ async def test_unreachable_upstream_is_an_error_event(settings: Settings) -> Non
     ) as stack:
         _, raw = await _completion(stack, "anything")
     error = orjson.loads(parse_sse(raw).events[-1].data)["error"]
-    assert error["type"] == "upstream_error"
+    assert (error["type"], error["code"]) == ("server_error", "upstream_error")
     assert "unreachable" in error["message"]
 
 

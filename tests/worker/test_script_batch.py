@@ -15,8 +15,10 @@ from redis.exceptions import ResponseError
 from shared import keys
 from shared.events import ZERO_ID, Kind
 from shared.messages import Job, new_message_id, submit
+from shared.redis_client import RedisClient
 from shared.streams import read_after
-from tokenrelay.stack import free_port
+from tests.support import PARTITIONS
+from tokenrelay.local_redis import free_port
 from worker.script_batch import ScriptBatch
 from worker.stream_writer import StreamWriter
 
@@ -28,12 +30,12 @@ return ARGV[1]
 
 
 async def test_concurrent_appends_share_round_trips_and_each_lands_once_in_order(
-    redis: Redis, appends: ScriptBatch
+    redis: RedisClient, appends: ScriptBatch
 ) -> None:
     writers, streams = [], []
     for _ in range(20):
         job = Job(new_message_id(), "batched", 1)
-        await submit(redis, job, ttl_ms=60_000, model="test")
+        await submit(redis, job, ttl_ms=60_000, model="test", partitions=PARTITIONS)
         writer = StreamWriter(redis, appends, job.message_id, "w", ttl_ms=60_000, maxlen=100)
         assert await writer.claim() == "ok"
         writers.append(writer)
@@ -54,7 +56,7 @@ async def test_concurrent_appends_share_round_trips_and_each_lands_once_in_order
         assert [e.kind for e in events] == [Kind.CHUNK] * 10 + [Kind.DONE]
 
 
-async def test_an_error_reply_reaches_its_own_caller_only(redis: Redis) -> None:
+async def test_an_error_reply_reaches_its_own_caller_only(redis: RedisClient) -> None:
     async with ScriptBatch(redis, _ECHO) as echo:
         results: list[object] = await asyncio.gather(
             echo(["n"], ["fine"]), echo(["n"], ["bad"]), return_exceptions=True
@@ -68,7 +70,7 @@ async def test_an_error_reply_reaches_its_own_caller_only(redis: Redis) -> None:
     assert await redis.get("n") == b"3"
 
 
-async def test_calls_survive_redis_forgetting_its_scripts(redis: Redis) -> None:
+async def test_calls_survive_redis_forgetting_its_scripts(redis: RedisClient) -> None:
     async with ScriptBatch(redis, _ECHO) as echo:
         assert await echo(["n"], ["one"]) == b"one"
         await redis.script_flush()  # as after a restart or a failover
@@ -79,7 +81,7 @@ async def test_calls_survive_redis_forgetting_its_scripts(redis: Redis) -> None:
     assert await redis.get("n") == b"7"  # every call ran once
 
 
-async def test_a_call_cancelled_before_its_batch_leaves_is_not_sent(redis: Redis) -> None:
+async def test_a_call_cancelled_before_its_batch_leaves_is_not_sent(redis: RedisClient) -> None:
     async with ScriptBatch(redis, _ECHO) as echo:
         task = asyncio.ensure_future(echo(["n"], ["never"]))
         await asyncio.sleep(0)  # queued, but the sender has not taken it yet
@@ -102,7 +104,7 @@ async def test_every_caller_of_a_failed_round_trip_gets_the_error() -> None:
     assert all(isinstance(r, RedisConnectionError) for r in results)
 
 
-async def test_a_call_outside_its_block_is_refused(redis: Redis) -> None:
+async def test_a_call_outside_its_block_is_refused(redis: RedisClient) -> None:
     echo = ScriptBatch(redis, _ECHO)
     with pytest.raises(RuntimeError, match="not running"):
         await echo(["n"], ["early"])
@@ -122,7 +124,9 @@ return ARGV[1]
 """
 
 
-async def test_a_call_made_while_closing_is_still_sent_and_the_close_ends(redis: Redis) -> None:
+async def test_a_call_made_while_closing_is_still_sent_and_the_close_ends(
+    redis: RedisClient,
+) -> None:
     """A generation the worker stopped may append its last event after the close began."""
     batch = ScriptBatch(redis, _SLOW_OR_FAST)
     await batch.__aenter__()

@@ -8,7 +8,8 @@ newlines and non-ASCII text so that every path of the wire encoding is exercised
 After the last token it reports ``finish_reason: "length"`` (the answer is exactly
 ``max_tokens`` long) and usage: prompt tokens counted as whitespace-separated words.
 
-Failing on purpose: a prompt containing ``[[fail_after=N]]`` makes the backend raise
+Failing on purpose (only when ``TOKENRELAY_FAULT_INJECTION`` is on; otherwise these are
+ordinary text): a prompt containing ``[[fail_after=N]]`` makes the backend raise
 :class:`~shared.errors.ModelError` after ``N`` tokens. ``[[crash_after=N]]`` ends the whole
 process after ``N`` tokens, with no cleanup (exit status 70), as a model that takes its worker
 down would: a poison job, which must end in the dead letters.
@@ -96,15 +97,18 @@ def mock_text(prompt: str, max_tokens: int) -> str:
 class MockBackend:
     """Yields :func:`mock_tokens` one by one, ``token_delay_s`` apart."""
 
-    def __init__(self, *, token_delay_s: float) -> None:
+    def __init__(self, *, token_delay_s: float, fault_injection: bool = False) -> None:
         self._token_delay_s = token_delay_s
+        self._fault_injection = fault_injection
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         """Generate the answer to ``request``; see the module docstring for failing on purpose."""
-        fail = _FAIL_AFTER.search(request.prompt)
-        fail_after = int(fail.group(1)) if fail else None
-        crash = _CRASH_AFTER.search(request.prompt)
-        crash_after = int(crash.group(1)) if crash else None
+        fail_after = crash_after = None
+        if self._fault_injection:
+            fail = _FAIL_AFTER.search(request.prompt)
+            fail_after = int(fail.group(1)) if fail else None
+            crash = _CRASH_AFTER.search(request.prompt)
+            crash_after = int(crash.group(1)) if crash else None
         tokens = mock_tokens(request.prompt, request.max_tokens)
         for index, token in enumerate(tokens):
             if index == fail_after:

@@ -1,0 +1,635 @@
+"""The one seam to uvicorn: how a gateway process is served, the socket every request gets,
+and the fast path that answers stream GETs from memory without the application (see
+docs/gateway.md). Public seams only: the ``http`` protocol class and the ``app_state`` uvicorn
+gives it, the asyncio Protocol and Transport contract, ASGI lifespan state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import parse_qsl
+
+import httptools
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.access import check_grant
+from gateway.app import create_app
+from gateway.delivery import SOCKET, stream_to_socket
+from gateway.errors import ApiError, error_body
+from gateway.frames import Renderer
+from gateway.http_wire import (
+    LAST_CHUNK,
+    access_log,
+    chunk,
+    log_access,
+    refusal,
+    stream_head,
+)
+from gateway.hub import Hub
+from gateway.message_tokens import PREFIX as TOKEN_PREFIX
+from gateway.message_tokens import READ
+from gateway.positions import StartPoint
+from gateway.requests import resume_cursor
+from gateway.responses import StreamGet
+from gateway.routes import STREAM_GETS
+from gateway.state import STATE, GatewayState
+from gateway.subscriber import Subscriber
+from shared import gc_policy, metrics, open_files
+from shared.events import EntryId
+from shared.redis_client import RedisConnector
+from shared.settings import Settings
+
+_log = logging.getLogger(__name__)
+_SERVED = "tokenrelay.served"  # the key of the process's _Served in the lifespan state
+_NOT_OURS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+# Request heads (target and headers) larger than this are refused with a 431: uvicorn's
+# httptools protocol takes heads of any size, which a client could fill memory with.
+MAX_HEAD = 16_384
+_MAX_PENDING = 65_536  # bytes sent during a stream (a pipelined request) before reads pause
+
+
+def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (the app: :func:`served`)."""
+    return {
+        "host": host,
+        "port": port,
+        "log_level": settings.log_level,
+        "access_log": False,  # the gateway logs every answer itself (gateway.http_wire)
+        # Always the gateway's own: it enforces the send and header timeouts; the setting
+        # turns off its answers from memory and direct writes (TOKENRELAY_FAST_PATH).
+        "http": GatewayConnection,
+        "ws": "none",
+        "lifespan": "on",
+        # The application sends its own date header (and no server header): every answer,
+        # whoever writes it, has the same head.
+        "server_header": False,
+        "date_header": False,
+        "proxy_headers": False,
+        # uvicorn would otherwise wait forever for open event streams on SIGTERM.
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),
+    }
+
+
+def served(app: ASGIApp) -> ASGIApp:
+    """``app`` as uvicorn is to serve it (see :class:`_Served`)."""
+    return _Served(app)
+
+
+def app_from_env() -> ASGIApp:
+    """uvicorn factory for multi-process gateways: each process reads the environment once."""
+    settings = Settings.from_env(os.environ)
+    settings.check_gateway()
+    app = served(create_app(settings, lambda: RedisConnector(settings)))
+    gc_policy.settle(settings.gc_full_s)
+    return app
+
+
+class _Served:
+    """The application, as uvicorn serves it. It runs the process's collector passes (when
+    gc_policy took the collector over) and, at shutdown, closes the connections and awaits the
+    streams they answered themselves, before the application's lifespan ends."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.connections: set[GatewayConnection] = set()
+        self.streams: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            scope.setdefault("state", {})[_SERVED] = self
+            # Every client holds a socket: the process may hold as many as the system allows.
+            limit = open_files.raise_limit()
+            if limit.after != limit.before:
+                _log.info("open-file limit raised from %d to %d", limit.before, limit.after)
+
+            collecting = asyncio.create_task(gc_policy.collect())
+
+            async def receive_then_close() -> Message:
+                message = await receive()
+                if message["type"] == "lifespan.shutdown":
+                    for connection in list(self.connections):
+                        connection.close()
+                    for task in (*self.streams, collecting):
+                        task.cancel()
+                    await asyncio.gather(*self.streams, collecting, return_exceptions=True)
+                return message
+
+            try:
+                await self.app(scope, receive_then_close, send)
+            finally:
+                collecting.cancel()
+                await asyncio.gather(collecting, return_exceptions=True)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _header_bytes(name: bytes, value: bytes) -> int:
+    """What one header adds to a request head's size (see MAX_HEAD)."""
+    return len(name) + len(value) + 4  # ": " and CRLF
+
+
+class _Head:
+    """httptools' callbacks for one request head: what the fast path needs of it."""
+
+    __slots__ = (
+        "authorization",
+        "complete",
+        "headers_done",
+        "keep_alive",
+        "last_event_id",
+        "origin",
+        "refused",
+        "size",
+        "url",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.size = 0  # of the target and headers (see MAX_HEAD)
+        self.last_event_id: bytes | None = None
+        self.authorization: bytes | None = None
+        self.origin = False
+        self.keep_alive = True  # HTTP/1.1's default (other versions are never answered here)
+        self.refused = self.headers_done = self.complete = False
+
+    def on_message_begin(self) -> None:
+        self.refused = self.refused or self.headers_done  # a second request: not ours
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.size += _header_bytes(name, value)
+        name = name.lower()
+        if name == b"last-event-id" and self.last_event_id is None:
+            self.last_event_id = value
+        elif name == b"authorization" and self.authorization is None:
+            self.authorization = value
+        elif name == b"origin":
+            self.origin = True  # CORS: the application's middleware answers it
+        elif name in _NOT_OURS or name in (b"last-event-id", b"authorization"):
+            self.refused = True
+        elif name == b"connection":
+            tokens = {token.strip() for token in value.lower().split(b",")}
+            self.keep_alive = self.keep_alive and b"close" not in tokens
+            self.refused = self.refused or b"upgrade" in tokens
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _HeadSizes:
+    """httptools' callbacks over every byte a connection receives from the request handed to
+    uvicorn's protocol on (which reads heads of any size; the fast path bounds the heads it
+    reads itself): the size of each request head as it arrives.
+
+    A head's size is the larger of what its completed target and headers hold and the bytes
+    of the pieces received wholly inside it (a header that never ends is never completed).
+    Neither counts a byte outside the head, so no head within the limit is refused.
+    """
+
+    __slots__ = ("_began", "_in_head", "_over", "_parser", "_raw", "_size", "_stopped")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._in_head = self._began = self._stopped = self._over = False
+        self._size = self._raw = 0
+
+    def on_message_begin(self) -> None:
+        self._in_head = self._began = True
+        self._size = self._raw = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += _header_bytes(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._over = self._over or self._size > MAX_HEAD
+
+    def too_large(self, data: bytes) -> bool:
+        """Whether, with ``data``, the head being received passed :data:`MAX_HEAD`."""
+        if self._stopped:
+            return False
+        inside, self._began = self._in_head, False
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Not HTTP/1.1 this parser can follow: the protocol answers it (a 400), and
+            # counting stops for the connection.
+            self._stopped = True
+            return False
+        if inside and not self._began:
+            self._raw += len(data)
+        return self._over or (self._in_head and max(self._size, self._raw) > MAX_HEAD)
+
+
+class GatewayConnection(asyncio.Protocol):
+    """uvicorn's ``http`` protocol class for the gateway (see the module's docstring), and the
+    :class:`gateway.delivery.Socket` of the requests on its connection."""
+
+    # One per connection: no instance dict.
+    __slots__ = (
+        "_app_state",
+        "_config",
+        "_drain_waiters",
+        "_head",
+        "_heads",
+        "_held",
+        "_idle",
+        "_loop",
+        "_lost",
+        "_on_lost",
+        "_paused",
+        "_received",
+        "_served",
+        "_server_state",
+        "_stalled",
+        "_streaming",
+        "_timeouts",
+        "_transport",
+        "_unheard",
+        "_uvicorn",
+    )
+
+    def __init__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any], **_: Any
+    ) -> None:
+        self._config = config
+        self._server_state = server_state
+        self._app_state = app_state
+        self._served: _Served | None = app_state.get(_SERVED)
+        self._loop = asyncio.get_running_loop()
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport: Any = None
+        self._lost = self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self._held: list[bytes] | None = None
+        self._head: tuple[_Head, httptools.HttpRequestParser] | None = None
+        # Created when uvicorn's protocol takes the connection over (the fast path's own
+        # parser bounds the heads it reads).
+        self._heads: _HeadSizes | None = None
+        self._received = b""  # of the request being read, or sent while a stream runs
+        self._streaming: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._uvicorn: HttpToolsProtocol | None = None  # once it serves the connection
+        state: GatewayState | None = app_state.get(STATE)
+        settings = state.settings if state is not None else Settings()
+        self._timeouts = (settings.send_timeout_s, settings.header_timeout_s)
+        # Armed while the client does not read what is written (send timeout), and while a
+        # request head is awaited but incomplete (header timeout).
+        self._stalled: asyncio.TimerHandle | None = None
+        self._unheard: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        if self._served is not None:
+            self._served.connections.add(self)
+        self._unheard = self._loop.call_later(self._timeouts[1], self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._served is not None:
+            self._served.connections.discard(self)
+        self._cancel_idle()
+        for timer in (self._stalled, self._unheard):
+            if timer is not None:
+                timer.cancel()
+        self._wake_drain_waiters()
+        if self._on_lost is not None:
+            self._on_lost()  # the stream's subscriber closes: its task ends
+        if self._uvicorn is not None:
+            self._uvicorn.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        if self._uvicorn is not None:
+            self._uvicorn.eof_received()
+        return None  # the transport closes; a stream ends with the connection
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._stalled is None:
+            self._stalled = self._loop.call_later(self._timeouts[0], self._send_timed_out)
+        if self._uvicorn is not None:
+            self._uvicorn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        self._wake_drain_waiters()
+        if self._uvicorn is not None:
+            self._uvicorn.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self._cancel_idle()
+        if self._transport.is_closing():
+            return  # refused or ended here: what follows is not read
+        if self._uvicorn is not None:
+            self._give(data)
+        elif self._streaming is not None:
+            # A request sent while a stream runs waits for its end, as uvicorn's do.
+            self._received += data
+            if len(self._received) > _MAX_PENDING:
+                self._transport.pause_reading()
+        else:
+            self._read(data)
+
+    # gateway.delivery.Socket
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = b"".join(self._held) + data, None
+        if data and not self._lost and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def hold(self, head: bytes = b"") -> None:
+        self._held = [head]
+
+    @property
+    def congested(self) -> bool:
+        return self._paused or self._lost or bool(self._transport.is_closing())
+
+    @property
+    def closed(self) -> bool:
+        return self._lost or bool(self._transport.is_closing())
+
+    async def drained(self) -> None:
+        if self._paused and not self._lost:
+            waiter = self._loop.create_future()
+            if self._drain_waiters is None:
+                self._drain_waiters = []
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def on_lost(self, callback: Callable[[], None] | None) -> None:
+        self._on_lost = callback
+
+    # What the server and the application tell
+
+    def close(self) -> None:
+        self._transport.close()
+        # A client that reads nothing never lets a close with unsent bytes finish.
+        if self._stalled is None and self._transport.get_write_buffer_size():
+            self._stalled = self._loop.call_later(self._timeouts[0], self._send_timed_out)
+
+    def _send_timed_out(self) -> None:
+        self._stalled = None
+        if self._lost:
+            return
+        _log.info(
+            "disconnecting a client that read nothing for %.0f s (TOKENRELAY_SEND_TIMEOUT_S)",
+            self._timeouts[0],
+        )
+        self._counted("send_timeouts")
+        self._transport.abort()
+
+    def _refuse_head(self) -> None:
+        _log.info("refusing a request head larger than %d bytes", MAX_HEAD)
+        metrics.REFUSED_REQUESTS.labels("head_too_large").inc()
+        idle = self._streaming is None and (self._uvicorn is None or self._uvicorn.cycle is None)
+        if idle and not self.closed:
+            message = f"the request head (target and headers) is larger than {MAX_HEAD} bytes"
+            body = error_body("request_header_fields_too_large", message)
+            self._transport.write(refusal(431, b"Request Header Fields Too Large", body))
+            self._transport.close()
+        else:  # a response is being written: no room for another; the connection ends
+            self._transport.abort()
+
+    def _head_timed_out(self) -> None:
+        self._unheard = None
+        if self._lost or self._uvicorn is not None or self._streaming is not None:
+            return
+        self._counted("header_timeouts")
+        self._transport.abort()
+
+    def _counted(self, name: str) -> None:
+        state: GatewayState | None = self._app_state.get(STATE)
+        if state is not None:
+            counters = state.hub.counters
+            setattr(counters, name, getattr(counters, name) + 1)
+
+    # Requests answered here
+
+    def _read(self, data: bytes) -> None:
+        received = self._received = self._received + data
+        if self._head is None:
+            head = _Head()
+            self._head = (head, httptools.HttpRequestParser(head))
+        head, parser = self._head
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            head.refused = True  # uvicorn answers it as it would have (a 400, say)
+        if head.headers_done and self._unheard is not None:
+            self._unheard.cancel()
+            self._unheard = None
+        if head.size > MAX_HEAD or (not head.headers_done and len(received) > MAX_HEAD):
+            self._refuse_head()
+        elif head.complete and not head.refused and self._answer(head, parser):
+            self._head, self._received = None, b""
+        elif head.refused or head.headers_done:
+            self._give(b"")  # a body, an error: uvicorn's to read and answer
+        # else: the head is not complete yet
+
+    def _answer(self, head: _Head, parser: httptools.HttpRequestParser) -> bool:
+        """Answer the request from memory; False (nothing done) when it is not for here."""
+        state: GatewayState | None = self._app_state.get(STATE)
+        if (
+            state is None  # the lifespan has not started (or has ended)
+            or not state.settings.fast_path
+            or state.hub.draining
+            or parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or (head.origin and state.settings.cors_origin_list)
+            or (wanted := _wanted(head)) is None
+        ):
+            return False
+        route, message_id, cursor, token = wanted
+        if state.access.required and not _granted(state, route, message_id, token, head):
+            return False  # the application answers: 401, 403 or 404, or a key's check
+        start = state.hub.locate_now(message_id, cursor)
+        if not isinstance(start, StartPoint):
+            return False  # Redis must tell, or the client has it all (a 204)
+        if cursor is not None:
+            state.hub.counters.resumed_from_memory += 1
+        try:
+            render = route.render(message_id, start.info, state.settings)
+        except Exception:
+            path = head.url.partition(b"?")[0]
+            _log.exception("answering %r failed; the application answers it", path)
+            return False
+        subscriber = state.hub.subscribe(message_id, start)
+        stream = self._stream(state.hub, subscriber, render, head.url, head.keep_alive)
+        task = self._streaming = self._loop.create_task(stream)
+        if self._served is not None:
+            self._served.streams.add(task)
+            task.add_done_callback(self._served.streams.discard)
+        return True
+
+    async def _stream(
+        self, hub: Hub, subscriber: Subscriber, render: Renderer, target: bytes, keep_alive: bool
+    ) -> None:
+        hub.counters.fast_path_answers += 1
+        hub.counters.direct_streams += 1
+        if access_log.isEnabledFor(logging.INFO):
+            peer = self._transport.get_extra_info("peername")
+            log_access(peer[:2] if isinstance(peer, tuple) else None, "GET", target, "1.1", 200)
+        heartbeat_ms = round(hub.heartbeat_s * 1000)
+        self.hold(stream_head(subscriber.message_id, heartbeat_ms, keep_alive=keep_alive))
+        try:
+            last_words = await stream_to_socket(subscriber, render, self)
+        except Exception:
+            # As uvicorn does when an application fails after its response started.
+            _log.exception("stream of %s failed", subscriber.message_id)
+            self.close()
+            return
+        finally:
+            self._streaming = None
+        if self.closed:
+            return
+        self.write(chunk(last_words) + LAST_CHUNK if last_words else LAST_CHUNK)
+        if not keep_alive or hub.draining:
+            self.close()
+        elif self._received:
+            pending, self._received = self._received, b""
+            self._transport.resume_reading()
+            self._read(pending)
+        else:
+            self._await_request()
+
+    def _await_request(self) -> None:
+        """Close a kept-alive connection no request comes on within uvicorn's timeout (and
+        one whose next request head does not arrive within the header timeout)."""
+        self._idle = self._loop.call_later(self._config.timeout_keep_alive, self.close)
+        self._unheard = self._loop.call_later(self._timeouts[1], self._head_timed_out)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters or (), None
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # uvicorn's protocol
+
+    def _give(self, data: bytes) -> None:
+        """Let uvicorn's protocol serve the connection from here, starting with what was
+        received and ``data``."""
+        data, self._received, self._head = self._received + data, b"", None
+        if self._unheard is not None:
+            self._unheard.cancel()
+            self._unheard = None
+        if self._heads is None:
+            # From the start of the request being handed over: in step with its messages.
+            self._heads = _HeadSizes()
+        if self._heads.too_large(data):
+            self._refuse_head()
+            return
+        if self._uvicorn is None:
+            # Each request's scope["state"] is a copy of this: the request finds its socket
+            # (unless the fast path is off: then every stream goes through ASGI send).
+            state: GatewayState | None = self._app_state.get(STATE)
+            offered = state is None or state.settings.fast_path
+            app_state = {**self._app_state, SOCKET: self} if offered else dict(self._app_state)
+            self._uvicorn = HttpToolsProtocol(self._config, self._server_state, app_state)
+            passthrough = _Passthrough(self, self._transport)
+            self._uvicorn.connection_made(cast(asyncio.Transport, passthrough))
+            if self._paused:
+                self._uvicorn.pause_writing()
+        self._uvicorn.data_received(data)
+
+    def write_from_uvicorn(self, data: bytes) -> None:
+        """A write of uvicorn's protocol: kept while a head is held (it leaves with the
+        stream's first events), else written."""
+        if self._held is not None:
+            self._held.append(bytes(data))
+        elif not self.closed:
+            self._transport.write(data)
+
+
+class _Passthrough:
+    """The transport uvicorn's protocol is given: its writes go through the connection (which
+    may hold a head); the rest is the real transport's."""
+
+    def __init__(self, connection: GatewayConnection, real: asyncio.Transport) -> None:
+        self._connection = connection
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def write(self, data: bytes) -> None:
+        self._connection.write_from_uvicorn(data)
+
+    def close(self) -> None:
+        self._connection.write(b"")  # what is held goes first
+        self._connection.close()
+
+
+def _granted(
+    state: GatewayState, route: StreamGet, message_id: str, token: str | None, head: _Head
+) -> bool:
+    """Whether a per-message token (in the query, else the Authorization header) lets this
+    request read the message, as the application would decide."""
+    if token is None and head.authorization is not None:
+        scheme, _, credential = head.authorization.decode("latin-1").strip().partition(" ")
+        token = credential.strip() if scheme.lower() == "bearer" else None
+    if token is None or not token.startswith(TOKEN_PREFIX):
+        return False  # no credential, or an API key: looked up in Redis by the application
+    try:
+        grant = state.access.grant(token, openai=route.openai)
+        check_grant(grant, message_id, READ, openai=route.openai)
+    except ApiError:
+        return False
+    return True
+
+
+def _wanted(head: _Head) -> tuple[StreamGet, str, EntryId | None, str | None] | None:
+    """The route, message id, cursor and ``token`` parameter of a request, read as the
+    application reads them (the ``Last-Event-ID`` header, else the last ``last_event_id``
+    parameter); None when the application is to answer (another path, a malformed cursor)."""
+    try:
+        url = httptools.parse_url(head.url)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    path = url.path.decode("latin-1")
+    for route in STREAM_GETS:
+        message_id = route.message_id(path)
+        if message_id is not None:
+            break
+    else:
+        return None
+    header = None if head.last_event_id is None else head.last_event_id.decode("latin-1")
+    # As Starlette reads a query string: the last of repeated parameters wins.
+    query = (
+        dict(parse_qsl(url.query.decode("latin-1"), keep_blank_values=True)) if url.query else {}
+    )
+    if "after_chunk" in query:
+        return None  # a position by count: the application finds it in Redis
+    try:
+        cursor = resume_cursor(header, query.get("last_event_id"))
+        return route, message_id, cursor, query.get("token")
+    except ApiError:
+        return None  # the application answers 400
