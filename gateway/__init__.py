@@ -4,20 +4,22 @@ Layers, bottom to top. A module imports only from its own layer or from layers a
 this list, never from a layer below it, and no import cycle exists, even under TYPE_CHECKING
 (tests/gateway/test_layers.py holds the code to this picture)::
 
-    wire       positions, errors, frames, http_wire, requests, message_tokens, response_events,
-               ui_messages
+    wire       positions, errors, frames, http_wire, requests, message_tokens, response_requests,
+               response_events, ui_messages
                pure code: event-stream framing of every format, HTTP bytes every answer
                shares, request and cursor validation, the errors and their JSON bodies,
                signed per-message tokens
-    core       counters, redis_reads, tail, subscriber, hub, admission, metrics, access,
-               idempotency
+    core       counters, batches, redis_reads, replay, tail, subscriber, hub, admission,
+               metrics, access, idempotency
                the fan-out: one tail per followed message, a subscriber per client; who
                may do what (keys, tokens); no HTTP bytes, no ASGI
     delivery   delivery
                the one streaming loop, and the one interface to a client's socket
-    surfaces   state, responses, chat_routes, openai_routes, responses_routes, ui_routes,
-               ops_routes, routes, app
+    surfaces   state, responses, bodies, generations, chat_routes, openai_routes,
+               responses_routes, ui_routes, ops_routes, routes, app
                the Starlette application: endpoints declared once in one table
-    adapter    server
-               how uvicorn serves it: the only module that imports uvicorn
+    adapter    request_heads, serving, fast_path, server
+               how uvicorn serves it: request heads read with httptools, the process's
+               lifespan, which requests are answered from memory; server is the only
+               module that imports uvicorn
 """

@@ -5,19 +5,17 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from gateway.bodies import read_json_object, refuse_a_foreign_body
 from gateway.errors import ApiError
 from gateway.frames import SeedRenderer
+from gateway.generations import begin, limited
 from gateway.requests import accepts, parse_chat_request
 from gateway.responses import (
     EventStreamResponse,
-    begin,
     cancel_for,
     collect,
     is_openai_path,
-    limited,
     path_message_id,
-    read_json_object,
-    refuse_a_foreign_body,
 )
 from gateway.state import GatewayState
 from shared.events import Kind

@@ -12,11 +12,11 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
+from gateway.batches import Batch
 from gateway.errors import Draining, MessageGone
 from gateway.frames import Renderer
 from gateway.http_wire import chunk
 from gateway.subscriber import Subscriber
-from gateway.tail import Batch
 
 _log = logging.getLogger(__name__)
 

@@ -15,17 +15,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.bodies import read_json_object
 from gateway.errors import ApiError
 from gateway.frames import DETERMINISTIC_FAILURES, OpenAIRenderer, completion_id, failure_of
+from gateway.generations import begin, limited
 from gateway.positions import MessageInfo
 from gateway.requests import INVALID, parse_completion_request
-from gateway.responses import (
-    EventStreamResponse,
-    begin,
-    collect,
-    limited,
-    read_json_object,
-)
+from gateway.responses import EventStreamResponse, collect
 from gateway.state import GatewayState
 from shared.events import Event, Kind
 from shared.messages import Job, prompt_of

@@ -3,9 +3,11 @@ and where a cursor older than a tail's memory stands."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import cast
+from typing import Any, cast
 
+from gateway.counters import Counters
 from gateway.errors import MessageGone, NotAnEvent
 from gateway.positions import MessageInfo, StartPoint
 from shared import keys, metrics
@@ -23,9 +25,13 @@ from shared.messages import (
     WATCH_MS,
 )
 from shared.redis_client import RedisClient
+from shared.streams import read_after
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 _HEAD_READS = metrics.REDIS_SECONDS.labels("read_head")
+_READS = metrics.REDIS_SECONDS.labels("read")
+#: Events per stream read.
+READ_BATCH = 512
 _LOCATES = metrics.REDIS_SECONDS.labels("locate")
 # Redis's clock (in event ids) against this process's, at most this far apart.
 _CLOCK_SKEW_MS = 5_000
@@ -132,3 +138,45 @@ async def entry_of_event(redis: RedisClient, message_id: str, n: int) -> EntryId
         return None
     last = Event.from_entry(*entries[-1])
     return last.id if last.n == n else None
+
+
+class StreamReads:
+    """Reads of one message's stream, :data:`READ_BATCH` events at a time, each waiting at the
+    process's gate; readers after the same position can share one read."""
+
+    __slots__ = ("_counters", "_gate", "_redis", "_running", "_stream")
+
+    def __init__(
+        self, redis: RedisClient, stream: str, gate: asyncio.Semaphore, counters: Counters
+    ) -> None:
+        self._redis = redis
+        self._stream = stream
+        self._gate = gate
+        self._counters = counters
+        self._running: dict[EntryId, asyncio.Future[list[Event]]] = {}
+
+    async def shared(self, position: EntryId) -> list[Event]:
+        """The events after ``position``, read once for every reader asking at the same time."""
+        read = self._running.get(position)
+        if read is None:
+            read = self._running[position] = asyncio.ensure_future(self.read(position))
+            read.add_done_callback(lambda _: self._running.pop(position, None))
+            read.add_done_callback(_retrieve)
+        return await asyncio.shield(read)
+
+    async def read(self, position: EntryId) -> list[Event]:
+        """The events after ``position``, read for this caller alone."""
+        self._counters.reads += 1
+        async with self._gate:
+            with _READS.time():
+                return await read_after(self._redis, self._stream, position, count=READ_BATCH)
+
+    def running(self) -> list[asyncio.Future[Any]]:
+        """The shared reads under way (to cancel them)."""
+        return [*self._running.values()]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A shared read's failure is its waiters'; nobody may be left to retrieve it.
+    if not future.cancelled():
+        future.exception()

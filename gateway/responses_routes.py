@@ -13,7 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import redis_reads
+from gateway.bodies import refuse_a_foreign_body
 from gateway.errors import ApiError, Draining, MessageGone, NotAnEvent
+from gateway.generations import begin, limited
 from gateway.message_tokens import READ
 from gateway.openai_routes import chat_job, read_openai_body
 from gateway.requests import INVALID, resume_cursor
@@ -21,17 +23,9 @@ from gateway.response_events import (
     ResponsesRenderer,
     ResponseState,
     message_id_of,
-    parse_responses_request,
 )
-from gateway.responses import (
-    EventStreamResponse,
-    begin,
-    cancel_for,
-    collect,
-    limited,
-    reader_of,
-    refuse_a_foreign_body,
-)
+from gateway.response_requests import parse_responses_request
+from gateway.responses import EventStreamResponse, cancel_for, collect, reader_of
 from gateway.state import GatewayState
 from shared.messages import is_message_id
 

@@ -8,21 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from collections.abc import Callable
 from typing import Any, cast
-from urllib.parse import parse_qsl
 
 import httptools
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway.access import check_grant
-from gateway.app import create_app
 from gateway.delivery import SOCKET, stream_to_socket
-from gateway.errors import ApiError, error_body
+from gateway.errors import error_body
+from gateway.fast_path import granted, wanted
 from gateway.frames import Renderer
 from gateway.http_wire import (
     LAST_CHUNK,
@@ -33,25 +30,15 @@ from gateway.http_wire import (
     stream_head,
 )
 from gateway.hub import Hub
-from gateway.message_tokens import PREFIX as TOKEN_PREFIX
-from gateway.message_tokens import READ
 from gateway.positions import StartPoint
-from gateway.requests import resume_cursor
-from gateway.responses import StreamGet
-from gateway.routes import STREAM_GETS
+from gateway.request_heads import MAX_HEAD, HeadSizes, RequestHead
+from gateway.serving import SERVED, Served
 from gateway.state import STATE, GatewayState
 from gateway.subscriber import Subscriber
-from shared import gc_policy, metrics, open_files
-from shared.events import EntryId
-from shared.redis_client import RedisConnector
+from shared import metrics
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
-_SERVED = "tokenrelay.served"  # the key of the process's _Served in the lifespan state
-_NOT_OURS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
-# Request heads (target and headers) larger than this are refused with a 431: uvicorn's
-# httptools protocol takes heads of any size, which a client could fill memory with.
-MAX_HEAD = 16_384
 _MAX_PENDING = 65_536  # bytes sent during a stream (a pipelined request) before reads pause
 
 
@@ -78,163 +65,8 @@ def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
 
 
 def served(app: ASGIApp) -> ASGIApp:
-    """``app`` as uvicorn is to serve it (see :class:`_Served`)."""
-    return _Served(app)
-
-
-def app_from_env() -> ASGIApp:
-    """uvicorn factory for multi-process gateways: each process reads the environment once."""
-    settings = Settings.from_env(os.environ)
-    settings.check_gateway()
-    app = served(create_app(settings, lambda: RedisConnector(settings)))
-    gc_policy.settle(settings.gc_full_s)
-    return app
-
-
-class _Served:
-    """The application, as uvicorn serves it. It runs the process's collector passes (when
-    gc_policy took the collector over) and, at shutdown, closes the connections and awaits the
-    streams they answered themselves, before the application's lifespan ends."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.connections: set[GatewayConnection] = set()
-        self.streams: set[asyncio.Task[None]] = set()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            scope.setdefault("state", {})[_SERVED] = self
-            # Every client holds a socket: the process may hold as many as the system allows.
-            limit = open_files.raise_limit()
-            if limit.after != limit.before:
-                _log.info("open-file limit raised from %d to %d", limit.before, limit.after)
-
-            collecting = asyncio.create_task(gc_policy.collect())
-
-            async def receive_then_close() -> Message:
-                message = await receive()
-                if message["type"] == "lifespan.shutdown":
-                    for connection in list(self.connections):
-                        connection.close()
-                    for task in (*self.streams, collecting):
-                        task.cancel()
-                    await asyncio.gather(*self.streams, collecting, return_exceptions=True)
-                return message
-
-            try:
-                await self.app(scope, receive_then_close, send)
-            finally:
-                collecting.cancel()
-                await asyncio.gather(collecting, return_exceptions=True)
-        else:
-            await self.app(scope, receive, send)
-
-
-def _header_bytes(name: bytes, value: bytes) -> int:
-    """What one header adds to a request head's size (see MAX_HEAD)."""
-    return len(name) + len(value) + 4  # ": " and CRLF
-
-
-class _Head:
-    """httptools' callbacks for one request head: what the fast path needs of it."""
-
-    __slots__ = (
-        "authorization",
-        "complete",
-        "headers_done",
-        "keep_alive",
-        "last_event_id",
-        "origin",
-        "refused",
-        "size",
-        "url",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.size = 0  # of the target and headers (see MAX_HEAD)
-        self.last_event_id: bytes | None = None
-        self.authorization: bytes | None = None
-        self.origin = False
-        self.keep_alive = True  # HTTP/1.1's default (other versions are never answered here)
-        self.refused = self.headers_done = self.complete = False
-
-    def on_message_begin(self) -> None:
-        self.refused = self.refused or self.headers_done  # a second request: not ours
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.size += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.size += _header_bytes(name, value)
-        name = name.lower()
-        if name == b"last-event-id" and self.last_event_id is None:
-            self.last_event_id = value
-        elif name == b"authorization" and self.authorization is None:
-            self.authorization = value
-        elif name == b"origin":
-            self.origin = True  # CORS: the application's middleware answers it
-        elif name in _NOT_OURS or name in (b"last-event-id", b"authorization"):
-            self.refused = True
-        elif name == b"connection":
-            tokens = {token.strip() for token in value.lower().split(b",")}
-            self.keep_alive = self.keep_alive and b"close" not in tokens
-            self.refused = self.refused or b"upgrade" in tokens
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-class _HeadSizes:
-    """httptools' callbacks over every byte a connection receives from the request handed to
-    uvicorn's protocol on (which reads heads of any size; the fast path bounds the heads it
-    reads itself): the size of each request head as it arrives.
-
-    A head's size is the larger of what its completed target and headers hold and the bytes
-    of the pieces received wholly inside it (a header that never ends is never completed).
-    Neither counts a byte outside the head, so no head within the limit is refused.
-    """
-
-    __slots__ = ("_began", "_in_head", "_over", "_parser", "_raw", "_size", "_stopped")
-
-    def __init__(self) -> None:
-        self._parser = httptools.HttpRequestParser(self)
-        self._in_head = self._began = self._stopped = self._over = False
-        self._size = self._raw = 0
-
-    def on_message_begin(self) -> None:
-        self._in_head = self._began = True
-        self._size = self._raw = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._size += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += _header_bytes(name, value)
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._over = self._over or self._size > MAX_HEAD
-
-    def too_large(self, data: bytes) -> bool:
-        """Whether, with ``data``, the head being received passed :data:`MAX_HEAD`."""
-        if self._stopped:
-            return False
-        inside, self._began = self._in_head, False
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Not HTTP/1.1 this parser can follow: the protocol answers it (a 400), and
-            # counting stops for the connection.
-            self._stopped = True
-            return False
-        if inside and not self._began:
-            self._raw += len(data)
-        return self._over or (self._in_head and max(self._size, self._raw) > MAX_HEAD)
+    """``app`` as uvicorn is to serve it (see :class:`Served`)."""
+    return Served(app)
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -271,7 +103,7 @@ class GatewayConnection(asyncio.Protocol):
         self._config = config
         self._server_state = server_state
         self._app_state = app_state
-        self._served: _Served | None = app_state.get(_SERVED)
+        self._served: Served | None = app_state.get(SERVED)
         self._loop = asyncio.get_running_loop()
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport: Any = None
@@ -279,10 +111,10 @@ class GatewayConnection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] | None = None
         self._on_lost: Callable[[], None] | None = None
         self._held: list[bytes] | None = None
-        self._head: tuple[_Head, httptools.HttpRequestParser] | None = None
+        self._head: tuple[RequestHead, httptools.HttpRequestParser] | None = None
         # Created when uvicorn's protocol takes the connection over (the fast path's own
         # parser bounds the heads it reads).
-        self._heads: _HeadSizes | None = None
+        self._heads: HeadSizes | None = None
         self._received = b""  # of the request being read, or sent while a stream runs
         self._streaming: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
@@ -431,7 +263,7 @@ class GatewayConnection(asyncio.Protocol):
     def _read(self, data: bytes) -> None:
         received = self._received = self._received + data
         if self._head is None:
-            head = _Head()
+            head = RequestHead()
             self._head = (head, httptools.HttpRequestParser(head))
         head, parser = self._head
         try:
@@ -449,7 +281,7 @@ class GatewayConnection(asyncio.Protocol):
             self._give(b"")  # a body, an error: uvicorn's to read and answer
         # else: the head is not complete yet
 
-    def _answer(self, head: _Head, parser: httptools.HttpRequestParser) -> bool:
+    def _answer(self, head: RequestHead, parser: httptools.HttpRequestParser) -> bool:
         """Answer the request from memory; False (nothing done) when it is not for here."""
         state: GatewayState | None = self._app_state.get(STATE)
         if (
@@ -459,11 +291,11 @@ class GatewayConnection(asyncio.Protocol):
             or parser.get_method() != b"GET"
             or parser.get_http_version() != "1.1"
             or (head.origin and state.settings.cors_origin_list)
-            or (wanted := _wanted(head)) is None
+            or (asked := wanted(head)) is None
         ):
             return False
-        route, message_id, cursor, token = wanted
-        if state.access.required and not _granted(state, route, message_id, token, head):
+        route, message_id, cursor, token = asked
+        if state.access.required and not granted(state, route, message_id, token, head):
             return False  # the application answers: 401, 403 or 404, or a key's check
         start = state.hub.locate_now(message_id, cursor)
         if not isinstance(start, StartPoint):
@@ -543,7 +375,7 @@ class GatewayConnection(asyncio.Protocol):
             self._unheard = None
         if self._heads is None:
             # From the start of the request being handed over: in step with its messages.
-            self._heads = _HeadSizes()
+            self._heads = HeadSizes()
         if self._heads.too_large(data):
             self._refuse_head()
             return
@@ -586,50 +418,3 @@ class _Passthrough:
     def close(self) -> None:
         self._connection.write(b"")  # what is held goes first
         self._connection.close()
-
-
-def _granted(
-    state: GatewayState, route: StreamGet, message_id: str, token: str | None, head: _Head
-) -> bool:
-    """Whether a per-message token (in the query, else the Authorization header) lets this
-    request read the message, as the application would decide."""
-    if token is None and head.authorization is not None:
-        scheme, _, credential = head.authorization.decode("latin-1").strip().partition(" ")
-        token = credential.strip() if scheme.lower() == "bearer" else None
-    if token is None or not token.startswith(TOKEN_PREFIX):
-        return False  # no credential, or an API key: looked up in Redis by the application
-    try:
-        grant = state.access.grant(token, openai=route.openai)
-        check_grant(grant, message_id, READ, openai=route.openai)
-    except ApiError:
-        return False
-    return True
-
-
-def _wanted(head: _Head) -> tuple[StreamGet, str, EntryId | None, str | None] | None:
-    """The route, message id, cursor and ``token`` parameter of a request, read as the
-    application reads them (the ``Last-Event-ID`` header, else the last ``last_event_id``
-    parameter); None when the application is to answer (another path, a malformed cursor)."""
-    try:
-        url = httptools.parse_url(head.url)
-    except httptools.HttpParserInvalidURLError:
-        return None
-    path = url.path.decode("latin-1")
-    for route in STREAM_GETS:
-        message_id = route.message_id(path)
-        if message_id is not None:
-            break
-    else:
-        return None
-    header = None if head.last_event_id is None else head.last_event_id.decode("latin-1")
-    # As Starlette reads a query string: the last of repeated parameters wins.
-    query = (
-        dict(parse_qsl(url.query.decode("latin-1"), keep_blank_values=True)) if url.query else {}
-    )
-    if "after_chunk" in query:
-        return None  # a position by count: the application finds it in Redis
-    try:
-        cursor = resume_cursor(header, query.get("last_event_id"))
-        return route, message_id, cursor, query.get("token")
-    except ApiError:
-        return None  # the application answers 400

@@ -8,10 +8,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from gateway.batches import Batch
 from gateway.counters import Counters
 from gateway.errors import Draining, MessageGone
 from gateway.positions import Gap, Item, Rewound, StartPoint
-from gateway.tail import READ_BATCH, Batch, Tail
+from gateway.redis_reads import READ_BATCH
+from gateway.tail import Tail
 from shared.events import ZERO_ID, Event
 
 REWOUND = Rewound()

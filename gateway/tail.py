@@ -5,28 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
 from gateway import redis_reads
+from gateway.batches import Batch, consecutive
 from gateway.counters import Counters
 from gateway.errors import MessageGone
 from gateway.positions import MessageInfo, StartPoint
-from shared import keys, metrics
+from gateway.redis_reads import READ_BATCH, StreamReads
+from gateway.replay import Replay
+from shared import keys
 from shared.backoff import retry_delay_s
 from shared.events import ZERO_ID, EntryId, Event
 from shared.redis_client import RedisClient
-from shared.streams import read_after
 
 _log = logging.getLogger(__name__)
-#: Events per stream read.
-READ_BATCH = 512
-_READS = metrics.REDIS_SECONDS.labels("read")
-_CLOCK_SKEW_MS = 5_000
 # Durable mode: how long to wait, read after read, for an announced event to reach the replica
 # read (replication is usually sub-millisecond behind; give up after about 5 s).
 _REPLICA_WAITS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, *(0.1,) * 50)
@@ -39,21 +35,6 @@ class NotInMemory:
 
 
 NOT_IN_MEMORY = NotInMemory()
-
-
-class Batch:
-    """Consecutive events a tail hands to its listeners at once.
-
-    Announcements that arrive together (the gateway was busy while they came) are handed on
-    together, so a client that keeps up gets them in one write: under load the cost per event
-    falls instead of the queue growing.
-    """
-
-    __slots__ = ("events", "terminal")
-
-    def __init__(self, events: list[Event]) -> None:
-        self.events = events
-        self.terminal = events[-1].kind.terminal
 
 
 class Listener(Protocol):
@@ -115,9 +96,6 @@ class Tail:
         self.unwatched_since: float | None = clock()
         self.last_heard = clock()
         self._stream = keys.message_stream(message_id)
-        # A finished message is answered from memory only while Redis surely still has it: it
-        # expires ttl_ms after its last event (ids carry Redis's clock; allow for skew).
-        self._memory_ms = ttl_ms - min(ttl_ms // 2, _CLOCK_SKEW_MS)
         self._redis = redis
         self._live = live
         self._counters = counters
@@ -125,13 +103,8 @@ class Tail:
         self._schedule_flush = schedule_flush
         self._mark_rewound = mark_rewound
         self._listeners: set[Listener] = set()
-        # The latest events delivered, in order; every event after ``_floor`` up to ``last_id``
-        # is among them.
-        self._recent: deque[Event] = deque(maxlen=replay)
-        self._floor = ZERO_ID
-        # ... and no more than this many bytes of their data.
-        self._replay_bytes = replay_bytes
-        self._recent_bytes = 0
+        # The latest events delivered.
+        self._replay = Replay(replay, replay_bytes, ttl_ms)
         # Announcements that arrive while the tail starts or re-reads the stream wait here;
         # None while announcements are delivered as they come.
         self._held: list[Event] | None = []
@@ -142,14 +115,14 @@ class Tail:
         self._check_last = False
         self._rewinding = False
         self._closed = False
-        self._reads: dict[EntryId, asyncio.Task[list[Event]]] = {}
         # Durable mode: an announcement only says that an event exists, and the tail reads it
         # where it reads (a replica), so it delivers only what a replica holds. A cluster
         # replica hears of an event over the cluster bus, maybe before replication brings it.
         self._hints_only = hints_only
-        # Reads of every tail of the process queue here rather than open connection after
-        # connection (a cluster client fails past its cap instead of queueing).
+        # Reads of every tail of the process queue at one gate rather than open connection
+        # after connection (a cluster client fails past its cap instead of queueing).
         self._gate = reads_gate or asyncio.Semaphore(64)
+        self._reads = StreamReads(redis, self._stream, self._gate, counters)
         self._hinted_n = -1  # the newest event announced
         self.when_started: asyncio.Future[MessageInfo] = asyncio.get_running_loop().create_future()
         # Waiters retrieve a failure; this keeps one nobody waited for from being reported.
@@ -171,60 +144,36 @@ class Tail:
     @property
     def held_bytes(self) -> int:
         """Bytes of event data this tail keeps in memory."""
-        return self._recent_bytes
+        return self._replay.held_bytes
 
     def covers(self, position: EntryId) -> bool:
         """Whether every event after ``position`` that this tail delivered is in memory."""
-        return self._floor <= position <= self.last_id
+        return self._replay.covers(position, self.last_id)
 
     def events_after(self, position: EntryId) -> list[Event]:
         """The events in memory after ``position``, oldest first."""
-        recent = self._recent
-        start = len(recent)
-        while start and recent[start - 1].id > position:
-            start -= 1
-        return [recent[i] for i in range(start, len(recent))]
+        return self._replay.events_after(position)
 
     def locate(self, cursor: EntryId | None) -> StartPoint | NotInMemory | None:
         """Where a reader at ``cursor`` (None: the start) starts, as this tail's memory tells;
         None when ``cursor`` is the final event; :data:`NOT_IN_MEMORY` when only Redis can
         tell."""
         info = self.info
-        if not self.sound or info is None or self._expiring():
+        if not self.sound or info is None or self._replay.expiring():
             return NOT_IN_MEMORY
         if cursor is None or cursor == ZERO_ID:
             return StartPoint(ZERO_ID, 0, info, from_memory=True)
-        for event in reversed(self._recent):
-            if event.id <= cursor:
-                if event.id != cursor:
-                    break
-                if event.kind.terminal:
-                    return None
-                return StartPoint(cursor, event.n + 1, info, from_memory=True)
-        return NOT_IN_MEMORY
-
-    def _expiring(self) -> bool:
-        """The message is finished, and about to expire (or expired) in Redis."""
-        recent = self._recent
-        if not recent or not recent[-1].kind.terminal:
-            return False
-        return time.time() * 1000 >= recent[-1].id.ms + self._memory_ms
+        event = self._replay.at(cursor)
+        if event is None:
+            return NOT_IN_MEMORY
+        if event.kind.terminal:
+            return None
+        return StartPoint(cursor, event.n + 1, info, from_memory=True)
 
     async def read_after(self, position: EntryId) -> list[Event]:
         """Up to :data:`READ_BATCH` events after ``position`` from Redis; readers at the same
         position share one read."""
-        read = self._reads.get(position)
-        if read is None:
-            read = self._reads[position] = asyncio.ensure_future(self._read(position))
-            read.add_done_callback(lambda _: self._reads.pop(position, None))
-            read.add_done_callback(_retrieve)
-        return await asyncio.shield(read)
-
-    async def _read(self, position: EntryId) -> list[Event]:
-        self._counters.reads += 1
-        async with self._gate:
-            with _READS.time():
-                return await read_after(self._redis, self._stream, position, count=READ_BATCH)
+        return await self._reads.shared(position)
 
     async def exists(self) -> bool:
         """Whether the message still exists in Redis."""
@@ -283,7 +232,7 @@ class Tail:
         now = self.last_heard = self._clock()
         if not events or not self._listeners:
             return
-        for batch in _consecutive(events):
+        for batch in consecutive(events):
             for listener in list(self._listeners):
                 try:
                     listener.push(batch, now)
@@ -322,20 +271,16 @@ class Tail:
     async def _start(self) -> None:
         # Subscribe before reading: nothing published after the read is missed.
         await self._live.subscribe(self.channel)
-        count = max(self._recent.maxlen or 0, 1)
+        count = max(self._replay.capacity, 1)
         async with self._gate:
             info, events = await redis_reads.read_head(self._redis, self.message_id, count)
         self._counters.reads += 1
         self.info = info = self.info or info
         for event in events:
-            self._remember(event)
+            self._replay.add(event)
         if events:
             self.last_id, self.last_n = events[-1].id, events[-1].n
-        # Memory holds the message from its start, or from its oldest event held.
-        if not self._recent.maxlen:
-            self._floor = self.last_id
-        elif self._floor == ZERO_ID and self._recent and self._recent[0].n != 0:
-            self._floor = self._recent[0].id  # nothing dropped, but the start is not held
+        self._replay.started(self.last_id)
         self.last_heard = self._clock()
         self.ready = True
         self.when_started.set_result(info)
@@ -367,7 +312,7 @@ class Tail:
                 if not await self._checked():
                     self._end_all(gone=True)
                     return
-                events = await self._read(self.last_id)
+                events = await self._reads.read(self.last_id)
             except RedisError as exc:
                 delay = retry_delay_s(failures)
                 failures += 1
@@ -421,10 +366,9 @@ class Tail:
         await self._mark_rewound(self.message_id)
         self._rewinding = False
         self._counters.rewinds += 1
-        self._recent.clear()
-        self._recent_bytes = 0
+        self._replay.clear()
         self._unsent.clear()
-        self.last_id, self.last_n, self._floor = ZERO_ID, -1, ZERO_ID
+        self.last_id, self.last_n = ZERO_ID, -1
         listeners, self._listeners = self._listeners, set()
         for listener in listeners:
             listener.rewind()
@@ -438,28 +382,10 @@ class Tail:
         if event.id <= self.last_id:
             return
         self.last_id, self.last_n = event.id, event.n
-        if self._recent.maxlen:
-            self._remember(event)
-        else:
-            self._floor = event.id
+        self._replay.add(event)
         if not self._unsent:
             self._schedule_flush(self)
         self._unsent.append(event)
-
-    def _remember(self, event: Event) -> None:
-        """Keep ``event`` among the latest, dropping the oldest past either bound (what
-        memory covers then starts after the last one dropped)."""
-        recent = self._recent
-        if len(recent) == recent.maxlen:
-            dropped = recent.popleft()
-            self._recent_bytes -= len(dropped.data)
-            self._floor = dropped.id
-        recent.append(event)
-        self._recent_bytes += len(event.data)
-        while self._recent_bytes > self._replay_bytes and len(recent) > 1:
-            dropped = recent.popleft()
-            self._recent_bytes -= len(dropped.data)
-            self._floor = dropped.id
 
     def _end_all(self, *, gone: bool) -> None:
         self.flush()
@@ -478,7 +404,7 @@ class Tail:
 
     async def aclose(self) -> None:
         self._closed = True  # re-reads stop retrying even if the cancellation below is lost
-        tasks: list[asyncio.Future[Any]] = [*self._reads.values()]
+        tasks: list[asyncio.Future[Any]] = self._reads.running()
         if self._task is not None:
             tasks.append(self._task)
             self._task = None
@@ -492,18 +418,3 @@ class Tail:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _consecutive(events: list[Event]) -> list[Batch]:
-    """``events`` in batches of consecutive sequence numbers (a jump is trimmed history,
-    which each subscriber reports as a gap before the events after it)."""
-    if len(events) == 1:
-        return [Batch(events)]
-    start = 0
-    batches = []
-    for index in range(1, len(events)):
-        if events[index].n != events[index - 1].n + 1:
-            batches.append(Batch(events[start:index]))
-            start = index
-    batches.append(Batch(events[start:] if start else events))
-    return batches

@@ -15,18 +15,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.access import OPEN_TENANT
+from gateway.bodies import read_json_object, refuse_a_foreign_body
 from gateway.errors import ApiError, Draining, MessageGone
+from gateway.generations import limited, start_generation
 from gateway.message_tokens import READ, READ_CANCEL
-from gateway.responses import (
-    EventStreamResponse,
-    RetryLaterResponse,
-    cancel_for,
-    limited,
-    read_json_object,
-    reader_of,
-    refuse_a_foreign_body,
-    start_generation,
-)
+from gateway.responses import EventStreamResponse, RetryLaterResponse, cancel_for, reader_of
 from gateway.state import GatewayState
 from gateway.ui_messages import HEADERS, UIMessageRenderer, check_chat_id, parse_chat_turn
 from shared import keys

@@ -240,7 +240,9 @@ def _run_gateway(settings: Settings, args: argparse.Namespace) -> int:
         # Each process imports the factory and reads the same environment once; they share
         # a directory for their metrics, so that any of them answers a scrape for all.
         with _metrics_dir():
-            uvicorn.run("gateway.server:app_from_env", factory=True, workers=args.workers, **common)
+            uvicorn.run(
+                "gateway.serving:app_from_env", factory=True, workers=args.workers, **common
+            )
     else:
         app = served(create_app(settings, lambda: RedisConnector(settings), demo=args.demo))
         gc_policy.settle(settings.gc_full_s)

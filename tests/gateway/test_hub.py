@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from gateway.app import LIVE_CONNECTION_NAME
+from gateway.batches import Batch
 from gateway.hub import Hub
 from gateway.positions import Gap, Item
 from gateway.subscriber import Subscriber
-from gateway.tail import Batch
 from shared import keys
 from shared.events import EntryId, Event, Kind
 from shared.messages import Job, new_message_id, submit

@@ -96,3 +96,9 @@ def test_one_module_imports_uvicorn_and_the_core_knows_no_http() -> None:
     wire, core = _layers()[0], _layers()[1]
     for module in wire + core:
         assert not third_party(module) & {"starlette", "uvicorn", "httptools"}, module
+
+
+def test_no_module_is_over_about_400_lines() -> None:
+    # A module a newcomer reads in one sitting; past this, split it by what it holds.
+    sizes = {p.stem: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
+    assert {module: n for module, n in sizes.items() if n > 420} == {}

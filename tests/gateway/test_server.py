@@ -27,7 +27,7 @@ import uvicorn
 from starlette.responses import Response
 from uvicorn.server import ServerState
 
-from gateway import routes, server
+from gateway import fast_path, request_heads, routes, server
 from gateway.frames import Renderer
 from gateway.positions import MessageInfo
 from gateway.server import GatewayConnection, served, uvicorn_options
@@ -392,7 +392,7 @@ async def test_a_failure_while_answering_leaves_the_request_to_the_application(
     async with _warm(settings, redis, appends, 2) as (stack, message, ids):
         seed, *others = routes.STREAM_GETS
         monkeypatch.setattr(
-            server, "STREAM_GETS", (dataclasses.replace(seed, renderer=broken), *others)
+            fast_path, "STREAM_GETS", (dataclasses.replace(seed, renderer=broken), *others)
         )
         reader, writer = await _resume(stack, f"/chat/stream/{message.message_id}", ids[0])
         answer = await _read_until(reader, b't1 "}\n\n\r\n')
@@ -775,7 +775,7 @@ async def test_request_heads_larger_than_the_limit_are_refused_with_431(
 ) -> None:
     """uvicorn's protocol reads a head of any size; the gateway stops at MAX_HEAD, whoever
     would answer the request, and on every request of a connection."""
-    big = "x" * (server.MAX_HEAD + 1)
+    big = "x" * (request_heads.MAX_HEAD + 1)
     many = [f"X-{n}: {n}" for n in range(2000)]  # 2,000 small headers: over 16 KB in all
     post = b"POST /chat/stream HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
     async with start_stack(settings, worker=False) as stack:
@@ -798,9 +798,9 @@ async def test_request_heads_larger_than_the_limit_are_refused_with_431(
             assert head.startswith(b"Request Header Fields Too Large"), answer[:300]
             error = orjson.loads(body)["error"]
             assert error["type"] == "request_header_fields_too_large"
-            assert str(server.MAX_HEAD) in error["message"]
+            assert str(request_heads.MAX_HEAD) in error["message"]
         # Just under the limit is served; a large body is not a large head.
-        fits = "x" * (server.MAX_HEAD - 200)
+        fits = "x" * (request_heads.MAX_HEAD - 200)
         answer = await _answer_to(stack, _get("/healthz", f"X-Fits: {fits}", "Connection: close"))
         assert answer.startswith(b"HTTP/1.1 200 ")
         body = orjson.dumps({"prompt": "p" * 30_000, "max_tokens": 1_000_000})
@@ -833,7 +833,7 @@ async def test_a_request_body_sent_too_slowly_is_answered_408_and_one_cut_short_
             error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
             assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
         # 5 of 100 bytes, then the client leaves: nothing to answer, and no failure logged.
-        caplog.set_level(logging.INFO, logger="gateway.responses")
+        caplog.set_level(logging.INFO, logger="gateway.bodies")
         _, writer = await _connect(stack)
         writer.write(head + b'{"pro')
         await writer.drain()

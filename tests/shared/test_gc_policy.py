@@ -8,7 +8,7 @@ import sys
 
 _FACTORY = """
 import gc
-from gateway.server import app_from_env
+from gateway.serving import app_from_env
 app = app_from_env()
 print(gc.get_freeze_count() > 1000, gc.isenabled())
 """
