@@ -157,7 +157,7 @@ def main() -> int:
     started = datetime.datetime.now(datetime.UTC)
     runs = asyncio.run(bench(rounds, args.quick, only, args.kinds, args.ref))
     rows = report.summarise(runs)
-    table = report.markdown(rows) + report.failures(runs)
+    table = report.markdown(rows) + report.failures(runs) + report.void(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "quick" if args.quick else "results"

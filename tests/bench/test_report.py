@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import markdown, summarise
+from bench.report import markdown, summarise, void
 
 
 def _run(round_: int, system: str, cpu: float, **more: Any) -> dict[str, Any]:
@@ -43,3 +43,14 @@ def test_ratios_are_taken_within_a_round_then_the_median_over_rounds() -> None:
     assert rows["floor"]["gaps"] == 1
     table = markdown(list(rows.values()))
     assert "| A fan-out 100 | tokenrelay | 5.00 (4.00-9.00) |" in table
+
+
+def test_a_system_that_did_not_follow_the_publisher_live_is_flagged_void() -> None:
+    runs = [
+        _run(0, "tokenrelay", 4.0, latency_p50_ms=1.5),
+        _run(0, "tokenrelay@old", 0.4, latency_p50_ms=16_455.1),
+    ]
+    flagged = void(summarise(runs))
+    assert "A fan-out 100 on tokenrelay@old: p50 16455 ms" in flagged
+    assert "on tokenrelay:" not in flagged
+    assert void(summarise(runs[:1])) == ""
