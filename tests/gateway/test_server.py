@@ -27,7 +27,7 @@ import uvicorn
 from starlette.responses import Response
 from uvicorn.server import ServerState
 
-from gateway import fast_path, request_heads, routes, server
+from gateway import fast_path, request_heads, routes
 from gateway.frames import Renderer
 from gateway.positions import MessageInfo
 from gateway.server import GatewayConnection, served, uvicorn_options

@@ -135,3 +135,42 @@ def test_keys_in_a_key_file(tmp_path: pathlib.Path) -> None:
     assert "small" in _run("keys", "list", "--file", path).stdout
     assert _run("keys", "revoke", key["id"], "--file", path).returncode == 0
     assert json.loads(pathlib.Path(path).read_text()) == []
+
+
+def test_a_gateway_of_several_processes_serves_and_counts_as_one(redis_url: str) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        "REDIS_URL": redis_url,
+        "TOKENRELAY_AUTH": "off",
+    }
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "gateway", "--workers", "2", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise AssertionError("the gateway did not become ready")
+            time.sleep(0.1)
+        refused = 6
+        for _ in range(refused):  # each on its own connection, answered by either process
+            answer = httpx.get(f"{url}/healthz", headers={"x-big": "x" * 20_000}, timeout=5)
+            assert answer.status_code == 431
+        wanted = f'tokenrelay_gateway_refused_requests_total{{reason="head_too_large"}} {refused}.0'
+        for _ in range(4):  # whichever process answers the scrape counts both
+            assert wanted in httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "Started parent process" in output, output
