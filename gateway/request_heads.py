@@ -44,11 +44,18 @@ class RequestHead:
     def on_message_begin(self) -> None:
         self.refused = self.refused or self.headers_done  # a second request: not ours
 
+    # Requests pipelined after the first are uvicorn's to read (the first is then refused
+    # too): they neither add to this head nor count toward its size.
+
     def on_url(self, url: bytes) -> None:
+        if self.headers_done:
+            return
         self.url += url
         self.size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return
         self.size += header_bytes(name, value)
         name = name.lower()
         if name == b"last-event-id" and self.last_event_id is None:

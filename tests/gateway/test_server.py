@@ -810,6 +810,20 @@ async def test_request_heads_larger_than_the_limit_are_refused_with_431(
         assert answer.startswith(b"HTTP/1.1 422 "), answer[:300]
 
 
+async def test_pipelined_requests_are_each_held_to_the_head_limit_not_all_together(
+    settings: Settings,
+) -> None:
+    """Twenty requests of about 1 KB each, sent in one write: over 16 KB together, each well
+    within it. Every one is answered, in order."""
+    pad = "X-Pad: " + "p" * 900
+    pipelined = _get("/healthz", pad) * 19 + _get("/healthz", pad, "Connection: close")
+    assert len(pipelined) > request_heads.MAX_HEAD
+    async with start_stack(settings, worker=False) as stack:
+        answer = await _answer_to(stack, pipelined)
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 20, answer[:300]
+    assert b" 431 " not in answer
+
+
 async def test_a_request_body_sent_too_slowly_is_answered_408_and_one_cut_short_is_let_go(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
