@@ -12,7 +12,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.app import create_app
-from shared import gc_policy, open_files
+from shared import gc_policy, log_format, open_files
 from shared.redis_client import RedisConnector
 from shared.settings import Settings
 
@@ -66,6 +66,8 @@ class Served:
 def app_from_env() -> ASGIApp:
     """uvicorn factory for multi-process gateways: each process reads the environment once."""
     settings = Settings.from_env(os.environ)
+    # A process uvicorn started runs none of the command's own set-up: its log is set up here.
+    log_format.configure(settings.log_level)
     settings.check_gateway()
     app = Served(create_app(settings, lambda: RedisConnector(settings)))
     gc_policy.settle(settings.gc_full_s)

@@ -17,7 +17,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.server import served, uvicorn_options
-from shared import gc_policy, metrics
+from shared import gc_policy, log_format, metrics
 from shared.errors import ConfigError
 from shared.redis_client import RedisConnector
 from shared.settings import Settings, settings_help
@@ -169,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tokenrelay: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format.configure(settings.log_level)
     if settings.auth == "off" and args.command in ("dev", "stack"):
         _log.warning(_OPEN_WARNING)
     command: Callable[[Settings, argparse.Namespace], int] = _COMMANDS[args.command]

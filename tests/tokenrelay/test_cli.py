@@ -174,3 +174,7 @@ def test_a_gateway_of_several_processes_serves_and_counts_as_one(redis_url: str)
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert "Started parent process" in output, output
+    # Each process logs as a single one does (its refusals at info, in the one format).
+    refusals = [line for line in output.splitlines() if "refusing a request head" in line]
+    assert len(refusals) == refused, output
+    assert all(" INFO gateway.server: " in line for line in refusals), refusals
