@@ -74,10 +74,14 @@ class StreamGet:
         state = GatewayState.of(request)
         message_id = path_message_id(request)
         reader = await reader_of(request, message_id, READ, openai=self.openai)
-        cursor = resume_cursor(
-            request.headers.get("last-event-id"), request.query_params.get("last_event_id")
-        )
         counters = state.hub.counters
+        try:
+            cursor = resume_cursor(
+                request.headers.get("last-event-id"), request.query_params.get("last_event_id")
+            )
+        except ApiError:
+            counters.resumes_refused += 1  # a cursor that is not an event id: refused too
+            raise
         try:
             if cursor is None and self.openai and "after_chunk" in request.query_params:
                 # The message is the reader's (another tenant's is missing) before its events

@@ -377,6 +377,7 @@ async def test_unknown_routes_and_methods_get_json_errors(stack: Stack) -> None:
 async def test_bad_cursors_are_400(stack: Stack, cursor: str, status: int, fragment: str) -> None:
     async with stack.client() as client:
         message_id, _, _ = await post_stream(client, "cursor", 3)
+        refused = stack.hub.counters.resumes_refused
         for headers, params in (({"Last-Event-ID": cursor}, {}), ({}, {"last_event_id": cursor})):
             response = await client.get(
                 f"/chat/stream/{message_id}", headers=headers, params=params
@@ -384,6 +385,7 @@ async def test_bad_cursors_are_400(stack: Stack, cursor: str, status: int, fragm
             assert response.status_code == status
             assert response.json()["error"]["type"] == "bad_request"
             assert fragment in response.json()["error"]["message"]
+        assert stack.hub.counters.resumes_refused == refused + 2  # counted as refused resumes
 
 
 async def test_an_id_past_a_finished_message_is_not_one_of_its_events(stack: Stack) -> None:
