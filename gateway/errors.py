@@ -108,3 +108,12 @@ class NotAnEvent(TokenrelayError):
 
 class Draining(TokenrelayError):
     """This gateway is shutting down: the client is to reconnect (to another one)."""
+
+
+#: Longest part of a request (an id from a path, say) that an error message repeats.
+MAX_ECHOED = 64
+
+
+def echoed(text: str) -> str:
+    """``text`` as an error message may repeat it: cut to :data:`MAX_ECHOED` characters."""
+    return text if len(text) <= MAX_ECHOED else text[:MAX_ECHOED] + "..."

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import delivery, redis_reads
 from gateway.access import Reader
 from gateway.counters import Counters
-from gateway.errors import ApiError, Draining, MessageGone, NotAnEvent, RetryLater
+from gateway.errors import ApiError, Draining, MessageGone, NotAnEvent, RetryLater, echoed
 from gateway.frames import Renderer
 from gateway.http_wire import SSE_HEADERS, SSE_MEDIA_TYPE, stream_headers
 from gateway.message_tokens import READ, READ_CANCEL
@@ -181,7 +181,7 @@ def path_message_id(request: Request) -> str:
     """The path's message id; 404 unless it has a message id's shape (it is used in keys)."""
     message_id: str = request.path_params["message_id"]
     if not is_message_id(message_id):
-        raise ApiError(404, f"message {message_id} does not exist")
+        raise ApiError(404, f"message {echoed(message_id)} does not exist")
     return message_id
 
 

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway import redis_reads
 from gateway.bodies import refuse_a_foreign_body
-from gateway.errors import ApiError, Draining, MessageGone, NotAnEvent
+from gateway.errors import ApiError, Draining, MessageGone, NotAnEvent, echoed
 from gateway.generations import begin, limited
 from gateway.message_tokens import READ
 from gateway.openai_routes import chat_job, read_openai_body
@@ -147,7 +147,7 @@ def _message_id(request: Request) -> str:
     text: str = request.path_params["response_id"]
     message_id = message_id_of(text)
     if message_id is None or not is_message_id(message_id):
-        raise ApiError(404, f"No response found with id '{text}'.", error_type=INVALID)
+        raise ApiError(404, f"No response found with id '{echoed(text)}'.", error_type=INVALID)
     return message_id
 
 

@@ -407,6 +407,13 @@ async def test_unknown_message_is_404(stack: Stack) -> None:
             response = await client.get(f"/chat/stream/{message_id}")
             assert response.status_code == 404
             assert response.json()["error"]["type"] == "not_found"
+        # What the path said is repeated in the error, but not without bound.
+        response = await client.get(f"/chat/stream/{'A' * 8000}")
+        assert response.status_code == 404
+        assert len(response.content) < 300
+        response = await client.get(f"/v1/responses/resp_{'A' * 8000}")
+        assert response.status_code == 404
+        assert len(response.content) < 400
 
 
 @pytest.mark.usefixtures("redis")
