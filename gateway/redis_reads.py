@@ -105,12 +105,8 @@ async def locate(
             return StartPoint(cursor, None, info)
     newest_id = EntryId.parse(newest[0][0]) if newest else ZERO_ID
     # Past the newest event, yet not in the future: an event a failover lost (the message may
-    # not be marked yet: its worker or a tail marks it when it notices). Not past a final
-    # event Redis holds: nothing comes after it, and its meta says so in the same write.
-    past_the_end = end is not None and cursor > EntryId.parse(end)
-    lost = (
-        newest_id < cursor and cursor.ms <= time.time() * 1000 + _CLOCK_SKEW_MS and not past_the_end
-    )
+    # not be marked yet: its worker or a tail marks it when it notices).
+    lost = newest_id < cursor and cursor.ms <= time.time() * 1000 + _CLOCK_SKEW_MS
     if rewound or lost:
         return StartPoint(ZERO_ID, 0, info, rewound=True)
     raise NotAnEvent(f"Last-Event-ID {cursor} is not an event of message {message_id}")

@@ -388,19 +388,6 @@ async def test_bad_cursors_are_400(stack: Stack, cursor: str, status: int, fragm
         assert stack.hub.counters.resumes_refused == refused + 2  # counted as refused resumes
 
 
-async def test_an_id_past_a_finished_message_is_not_one_of_its_events(stack: Stack) -> None:
-    """Nothing comes after a final event Redis holds: a newer id (another message's) is a
-    400, not a failover's loss to start again from."""
-    async with stack.client() as client:
-        finished, _, _ = await post_stream(client, "finished first", 3)
-        _, later, _ = await post_stream(client, "finished later", 3)
-        newer = later.events[0].id or ""
-        for headers, params in (({"Last-Event-ID": newer}, {}), ({}, {"last_event_id": newer})):
-            response = await client.get(f"/chat/stream/{finished}", headers=headers, params=params)
-            assert response.status_code == 400, response.text
-            assert "is not an event of message" in response.json()["error"]["message"]
-
-
 async def test_unknown_message_is_404(stack: Stack) -> None:
     async with stack.client() as client:
         for message_id in ("A" * 22, "not-an-id", "x" * 200):
