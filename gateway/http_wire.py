@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+from http import HTTPStatus
 
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 SSE_HEADERS = {
@@ -115,12 +116,12 @@ def log_access(
 _QUIET_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
 
 
-def refusal(status: int, reason: bytes, body: bytes) -> bytes:
+def refusal(status: int, body: bytes) -> bytes:
     """A whole response that refuses a request and closes the connection: for what is refused
     before any application sees it (a request head too large to read)."""
     date, served = common_headers()
     return (
         b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
         b"connection: close\r\ndate: %b\r\nx-served-by: %b\r\n\r\n%b"
-        % (status, reason, len(body), date[1], served[1], body)
+        % (status, HTTPStatus(status).phrase.encode(), len(body), date[1], served[1], body)
     )

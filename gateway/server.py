@@ -17,22 +17,15 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway import http_wire
 from gateway.delivery import SOCKET, stream_to_socket
 from gateway.errors import error_body
 from gateway.fast_path import granted, wanted
 from gateway.frames import Renderer
-from gateway.http_wire import (
-    LAST_CHUNK,
-    access_log,
-    chunk,
-    log_access,
-    refusal,
-    stream_head,
-)
 from gateway.hub import Hub
 from gateway.positions import StartPoint
 from gateway.request_heads import MAX_HEAD, HeadSizes, RequestHead
-from gateway.serving import SERVED, Served
+from gateway.serving import SERVED, Passthrough, Served
 from gateway.state import STATE, GatewayState
 from gateway.subscriber import Subscriber
 from shared import metrics
@@ -235,12 +228,20 @@ class GatewayConnection(asyncio.Protocol):
 
     def _refuse_head(self) -> None:
         _log.info("refusing a request head larger than %d bytes", MAX_HEAD)
-        metrics.REFUSED_REQUESTS.labels("head_too_large").inc()
+        message = f"the request head (target and headers) is larger than {MAX_HEAD} bytes"
+        self._refuse("head_too_large", 431, "request_header_fields_too_large", message)
+
+    def _refuse_malformed(self, error: Exception) -> None:
+        # uvicorn's own answer would be a text/plain 400: every error here has a JSON body.
+        _log.info("refusing a request that is not valid HTTP/1.1 (%s)", error)
+        message = f"the request is not valid HTTP/1.1: {error}"
+        self._refuse("bad_http", 400, "bad_request", message)
+
+    def _refuse(self, reason: str, status: int, error_type: str, message: str) -> None:
+        metrics.REFUSED_REQUESTS.labels(reason).inc()
         idle = self._streaming is None and (self._uvicorn is None or self._uvicorn.cycle is None)
         if idle and not self.closed:
-            message = f"the request head (target and headers) is larger than {MAX_HEAD} bytes"
-            body = error_body("request_header_fields_too_large", message)
-            self._transport.write(refusal(431, b"Request Header Fields Too Large", body))
+            self._transport.write(http_wire.refusal(status, error_body(error_type, message)))
             self._transport.close()
         else:  # a response is being written: no room for another; the connection ends
             self._transport.abort()
@@ -268,8 +269,11 @@ class GatewayConnection(asyncio.Protocol):
         head, parser = self._head
         try:
             parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            head.refused = True  # uvicorn answers it as it would have (a 400, say)
+        except httptools.HttpParserUpgrade:
+            head.refused = True  # uvicorn answers it as it would have
+        except httptools.HttpParserError as exc:
+            self._refuse_malformed(exc)
+            return
         if head.headers_done and self._unheard is not None:
             self._unheard.cancel()
             self._unheard = None
@@ -321,11 +325,13 @@ class GatewayConnection(asyncio.Protocol):
     ) -> None:
         hub.counters.fast_path_answers += 1
         hub.counters.direct_streams += 1
-        if access_log.isEnabledFor(logging.INFO):
+        if http_wire.access_log.isEnabledFor(logging.INFO):
             peer = self._transport.get_extra_info("peername")
-            log_access(peer[:2] if isinstance(peer, tuple) else None, "GET", target, "1.1", 200)
+            http_wire.log_access(
+                peer[:2] if isinstance(peer, tuple) else None, "GET", target, "1.1", 200
+            )
         heartbeat_ms = round(hub.heartbeat_s * 1000)
-        self.hold(stream_head(subscriber.message_id, heartbeat_ms, keep_alive=keep_alive))
+        self.hold(http_wire.stream_head(subscriber.message_id, heartbeat_ms, keep_alive=keep_alive))
         try:
             last_words = await stream_to_socket(subscriber, render, self)
         except Exception:
@@ -337,7 +343,11 @@ class GatewayConnection(asyncio.Protocol):
             self._streaming = None
         if self.closed:
             return
-        self.write(chunk(last_words) + LAST_CHUNK if last_words else LAST_CHUNK)
+        self.write(
+            http_wire.chunk(last_words) + http_wire.LAST_CHUNK
+            if last_words
+            else http_wire.LAST_CHUNK
+        )
         if not keep_alive or hub.draining:
             self.close()
         elif self._received:
@@ -386,7 +396,7 @@ class GatewayConnection(asyncio.Protocol):
             offered = state is None or state.settings.fast_path
             app_state = {**self._app_state, SOCKET: self} if offered else dict(self._app_state)
             self._uvicorn = HttpToolsProtocol(self._config, self._server_state, app_state)
-            passthrough = _Passthrough(self, self._transport)
+            passthrough = Passthrough(self, self._transport)
             self._uvicorn.connection_made(cast(asyncio.Transport, passthrough))
             if self._paused:
                 self._uvicorn.pause_writing()
@@ -399,22 +409,3 @@ class GatewayConnection(asyncio.Protocol):
             self._held.append(bytes(data))
         elif not self.closed:
             self._transport.write(data)
-
-
-class _Passthrough:
-    """The transport uvicorn's protocol is given: its writes go through the connection (which
-    may hold a head); the rest is the real transport's."""
-
-    def __init__(self, connection: GatewayConnection, real: asyncio.Transport) -> None:
-        self._connection = connection
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def write(self, data: bytes) -> None:
-        self._connection.write_from_uvicorn(data)
-
-    def close(self) -> None:
-        self._connection.write(b"")  # what is held goes first
-        self._connection.close()

@@ -1,13 +1,14 @@
 """The application as a gateway process serves it: what its lifespan adds (the open-file limit,
 the collector's passes) and, at shutdown, closing the connections the server adapter answered
-itself and awaiting their streams before the application's lifespan ends."""
+itself and awaiting their streams before the application's lifespan ends; and the transport
+uvicorn's protocol is given, which writes through the connection."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +23,14 @@ SERVED = "tokenrelay.served"  # the key of the process's Served in the lifespan 
 
 class Closable(Protocol):
     def close(self) -> None: ...
+
+
+class _Connection(Closable, Protocol):
+    """What a passthrough needs of the connection it writes through (gateway.server)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_from_uvicorn(self, data: bytes) -> None: ...
 
 
 class Served:
@@ -72,3 +81,22 @@ def app_from_env() -> ASGIApp:
     app = Served(create_app(settings, lambda: RedisConnector(settings)))
     gc_policy.settle(settings.gc_full_s)
     return app
+
+
+class Passthrough:
+    """The transport uvicorn's protocol is given: its writes go through the connection (which
+    may hold a head); the rest is the real transport's."""
+
+    def __init__(self, connection: _Connection, real: asyncio.Transport) -> None:
+        self._connection = connection
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def write(self, data: bytes) -> None:
+        self._connection.write_from_uvicorn(data)
+
+    def close(self) -> None:
+        self._connection.write(b"")  # what is held goes first
+        self._connection.close()

@@ -810,6 +810,28 @@ async def test_request_heads_larger_than_the_limit_are_refused_with_431(
         assert answer.startswith(b"HTTP/1.1 422 "), answer[:300]
 
 
+async def test_a_request_that_is_not_http_gets_a_json_400(settings: Settings) -> None:
+    async with start_stack(settings, worker=False) as stack:
+        answers = [
+            await _answer_to(stack, b"GARBAGE\r\n\r\n"),
+            await _answer_to(stack, b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n"),
+            await _answer_to(stack, b"GET /healthz HTTP/1.1\r\nX-Bad: a\x01b\r\n\r\n"),
+            await _answer_to(
+                stack,
+                b"POST /chat/stream HTTP/1.1\r\nContent-Length: 2\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n{}",
+            ),
+        ]
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:300]
+        assert b"content-type: application/json" in head
+        assert b"x-served-by: " in head
+        error = orjson.loads(body)["error"]
+        assert error["type"] == "bad_request"
+        assert "not valid HTTP/1.1" in error["message"]
+
+
 async def test_pipelined_requests_are_each_held_to_the_head_limit_not_all_together(
     settings: Settings,
 ) -> None:
