@@ -35,6 +35,8 @@ _log = logging.getLogger("tokenrelay.stack")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _FIRST_RESTART_S = 0.5
 _MAX_RESTART_S = 30.0
+# How often the cluster's nodes (processes of their own kind) are looked at.
+_CLUSTER_POLL_S = 0.5
 # ... and one that lived this long is healthy again: its next death waits the first delay
 # (as Docker's restart policy does): a process killed now and then is not a crash loop.
 _HEALTHY_AFTER_S = 10.0
@@ -121,9 +123,12 @@ class LocalStack:
         await self.restart("redis", down_s=down_s)
 
     def supervise(self) -> None:
-        """Watch every member: restart the ones that die until :meth:`stop`."""
+        """Watch every member, and the cluster's nodes: restart the ones that die until
+        :meth:`stop`."""
         for member in self.members.values():
             self._watch(member)
+        if self.cluster is not None:
+            self._supervisors["redis-cluster"] = asyncio.create_task(self._keep_cluster())
 
     def _watch(self, member: Member) -> None:
         old = self._supervisors.get(member.name)
@@ -154,6 +159,45 @@ class LocalStack:
                 continue  # its new process (if any) has exited: the loop waits it out
             member.restarts += 1
             _log.info("%s started again (pid %d)", member.name, member.process.pid)
+
+    async def _keep_cluster(self) -> None:
+        """Start a cluster node that died again, on its port with its cluster configuration:
+        it rejoins, as a replica of the node that took its slots over."""
+        cluster = self.cluster
+        deaths: dict[int, int] = {}
+        while not self.stopping:
+            await asyncio.sleep(_CLUSTER_POLL_S)
+            for port, process in list(cluster.processes.items()):
+                code = process.poll()
+                if code is None or self.stopping:
+                    continue
+                del cluster.processes[port]
+                deaths[port] = deaths.get(port, 0) + 1
+                # Not before its replica took over: a node back within the node timeout would
+                # serve its slots again, empty (the stack's Redis keeps nothing on disk).
+                delay = max(
+                    3 * cluster.node_timeout_ms / 1000,
+                    min(_MAX_RESTART_S, _FIRST_RESTART_S * 2 ** (deaths[port] - 1)),
+                )
+                _log.warning(
+                    "Redis Cluster node %d exited (%s); starting it again in %.1f s",
+                    port,
+                    code,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                try:
+                    # In this thread, not a worker thread: a node's parent-death signal
+                    # follows the thread that started it.
+                    cluster.start_node(port)
+                except (OSError, RuntimeError) as exc:
+                    _log.error("Redis Cluster node %d could not be started again: %s", port, exc)
+                    continue
+                _log.info(
+                    "Redis Cluster node %d started again (pid %d)",
+                    port,
+                    cluster.processes[port].pid,
+                )
 
     async def stop(self) -> None:
         """Stop supervising, then stop every process, in dependency order: the balancer,

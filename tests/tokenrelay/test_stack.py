@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from tests.support import PARTITIONS, CuttingProxy
+from tests.support import PARTITIONS, CuttingProxy, eventually
 from tokenrelay.client import (
     Chunk,
     MessageStream,
@@ -25,7 +25,7 @@ from tokenrelay.client import (
     StreamFailed,
     TokenrelayClient,
 )
-from tokenrelay.local_redis import free_port, free_port_block
+from tokenrelay.local_redis import answers, ask, free_port, free_port_block
 from tokenrelay.stack import LocalStack, local_stack
 from tokenrelay.topology import Topology
 from worker.backends.mock import mock_text
@@ -387,3 +387,26 @@ async def test_chat_gives_up_on_a_server_that_is_not_there_with_one_line() -> No
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("tokenrelay chat: cannot reach http://127.0.0.1:")
+
+
+@pytest.mark.timeout(150)
+async def test_a_killed_cluster_node_is_started_again_and_rejoins_as_a_replica() -> None:
+    topology = Topology(1, 1, free_port(), free_port(), free_port_block(1), redis_cluster=True)
+    async with local_stack(topology, env={**os.environ, **_ENV}) as stack:
+        cluster = stack.cluster
+        port = cluster.primaries()[0]
+        killed = cluster.processes[port]
+        killed.kill()
+
+        def back() -> bool:
+            process = cluster.processes.get(port)
+            return process is not None and process is not killed and answers(port)
+
+        await eventually(back, timeout_s=60)
+        # Its replica took its slots over first: it comes back as that node's replica.
+        await eventually(lambda: ask(port, "ROLE").startswith("slave"), timeout_s=60)
+        await asyncio.to_thread(cluster.wait_healthy, 60)
+        async with TokenrelayClient(stack.url, initial_backoff_s=0.05) as client:
+            stream = await client.ask("after the node came back", max_tokens=30)
+            text = "".join([piece.text async for piece in stream if isinstance(piece, Chunk)])
+        assert text == mock_text("after the node came back", 30)
