@@ -100,7 +100,8 @@ async def read_openai_body(request: Request, settings: Settings) -> dict[str, An
                 code="context_length_exceeded",
             ) from exc
         if exc.status in (400, 422):
-            raise ApiError(400, exc.message, error_type=INVALID) from exc
+            # Named as the table of errors names it (invalid_json, invalid_request).
+            raise ApiError(400, exc.message, error_type=INVALID, code=exc.error_type) from exc
         raise
 
 

@@ -147,12 +147,19 @@ def _message_id(request: Request) -> str:
     text: str = request.path_params["response_id"]
     message_id = message_id_of(text)
     if message_id is None or not is_message_id(message_id):
-        raise ApiError(404, f"No response found with id '{echoed(text)}'.", error_type=INVALID)
+        raise ApiError(
+            404,
+            f"No response found with id '{echoed(text)}'.",
+            error_type=INVALID,
+            code="not_found",
+        )
     return message_id
 
 
 def _missing(message_id: str) -> ApiError:
-    return ApiError(404, f"No response found with id 'resp_{message_id}'.", error_type=INVALID)
+    return ApiError(
+        404, f"No response found with id 'resp_{message_id}'.", error_type=INVALID, code="not_found"
+    )
 
 
 def _starting_after(request: Request) -> int | None:
@@ -163,6 +170,10 @@ def _starting_after(request: Request) -> int | None:
         value = int(raw)
     except ValueError:
         raise ApiError(
-            400, "'starting_after' must be an integer.", error_type=INVALID, param="starting_after"
+            400,
+            "'starting_after' must be an integer.",
+            error_type=INVALID,
+            param="starting_after",
+            code="invalid_type",
         ) from None
     return value

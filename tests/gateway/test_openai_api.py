@@ -182,16 +182,24 @@ async def test_every_error_of_the_openai_routes_has_an_openai_type(stack: Stack)
     of an error moves to its code there (the seed routes keep their names)."""
     missing = "A" * 22
     async with stack.client() as client:
+        json = {"Content-Type": "application/json"}
         answers = {
             "not_found": await client.get(f"/v1/chat/completions/{missing}/stream"),
             "bad_request": await client.get(
                 f"/v1/chat/completions/{missing}/stream", headers={"Last-Event-ID": "x"}
             ),
             "method_not_allowed": await client.delete("/v1/chat/completions"),
+            "invalid_json": await client.post("/v1/responses", content=b"{", headers=json),
+            "invalid_request": await client.post(
+                "/v1/chat/completions", content=b"[1, 2]", headers=json
+            ),
         }
+        for path in (f"/v1/responses/resp_{missing}", "/v1/responses/resp_doesnotexist"):
+            answers[f"not_found {path}"] = await client.get(path)
         seed = await client.get(f"/chat/stream/{missing}")
-    for code, answer in answers.items():
+    for name, answer in answers.items():
         error = answer.json()["error"]
+        code = name.partition(" ")[0]
         assert (error["type"], error["code"]) == ("invalid_request_error", code), answer.text
     assert seed.json()["error"]["type"] == "not_found"
 
