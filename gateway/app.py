@@ -105,6 +105,8 @@ def create_app(
             presence_interval_s=settings.cancel_grace_s / 3,
             announcements_are_hints=durable,
             max_reads=settings.redis_max_connections,
+            # A join waits out a failover, not a shard that stays down.
+            start_timeout_s=3 * settings.redis_timeout_s,
         )
         admission = Admission(
             redis, partitions=settings.job_partitions, max_queued=settings.max_queued_jobs

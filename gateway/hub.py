@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import redis_reads
 from gateway.counters import Counters
@@ -41,8 +42,12 @@ class Hub:
         presence_interval_s: float = 10.0,
         announcements_are_hints: bool = False,
         max_reads: int = 64,
+        start_timeout_s: float = 30.0,
     ) -> None:
         self.redis = redis  # for writes (presence, rewind marks)
+        # How long a join waits for a tail's start: long enough to wait out a failover, not
+        # forever (a shard that lost its primary and every replica never answers).
+        self.start_timeout_s = start_timeout_s
         #: For reads of streams and meta: ``redis``, or a client of replicas (durable mode).
         self.reads = redis if reads is None else reads
         self.live = live
@@ -116,11 +121,18 @@ class Hub:
             else:
                 starting = asyncio.ensure_future(tail.started())
                 waits: set[asyncio.Future[Any]] = {starting, self._drained}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waits, timeout=self.start_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
                 if not starting.done():
                     starting.cancel()
                     await asyncio.gather(starting, return_exceptions=True)
-                    raise Draining("this gateway is shutting down")
+                    if self.draining:
+                        raise Draining("this gateway is shutting down")
+                    raise RedisTimeoutError(
+                        f"message {message_id}: Redis did not answer within "
+                        f"{self.start_timeout_s:g} s"
+                    )
                 info = starting.result()
         finally:
             self._unwatch(message_id)

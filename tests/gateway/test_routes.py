@@ -430,6 +430,34 @@ async def test_readiness_answers_within_seconds_while_redis_is_stopped(
         await server.wait()
 
 
+async def test_a_join_whose_redis_never_answers_is_sent_to_retry(
+    settings: Settings, tmp_path: pathlib.Path
+) -> None:
+    """A join waits out a failover, but not a Redis (a shard) that stays silent: the stream
+    GET answers 200 with the retry hint and closes, as for Redis unreachable."""
+    port = free_port()
+    argv = redis_server_argv(binary("redis-server"), port, str(tmp_path))
+    server = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
+    try:
+        private = dataclasses.replace(
+            settings, redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=1.0
+        )
+        await eventually(lambda: answers(port))
+        async with start_stack(private, worker=False) as stack, stack.client() as client:
+            assert (await client.get("/readyz")).status_code == 200
+            server.send_signal(signal.SIGSTOP)
+            try:
+                async with asyncio.timeout(15):
+                    stalled = await client.get(f"/chat/stream/{'B' * 22}")
+            finally:
+                server.send_signal(signal.SIGCONT)
+            assert stalled.status_code == 200
+            assert stalled.text.startswith("retry: ")
+    finally:
+        server.kill()
+        await server.wait()
+
+
 async def test_health_endpoints(stack: Stack) -> None:
     async with stack.client() as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
