@@ -29,6 +29,20 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+def _wait_until_it_answers(url: str, process: subprocess.Popen[str], *, timeout_s: float) -> None:
+    """Until ``url`` answers 200; fails if ``process`` exits or the time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise AssertionError(f"{url} did not answer 200 within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("command", [[], ["gateway"], ["worker"], ["dev"]])
 def test_help_describes_every_option_and_setting(command: list[str]) -> None:
     result = _run(*command, "--help")
@@ -60,15 +74,7 @@ def test_dev_mode_embeds_fakeredis_and_serves_resumable_streams() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-            time.sleep(0.1)
+        _wait_until_it_answers(f"{url}/healthz", process, timeout_s=20)
         assert "EventSource" in httpx.get(url).text
         with httpx.Client(base_url=url, timeout=20) as client:
             posted = client.post("/chat/stream", json={"prompt": "dev mode", "max_tokens": 20})
@@ -153,16 +159,7 @@ def test_a_gateway_of_several_processes_serves_and_counts_as_one(redis_url: str)
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise AssertionError("the gateway did not become ready")
-            time.sleep(0.1)
+        _wait_until_it_answers(f"{url}/readyz", process, timeout_s=30)
         refused = 6
         for _ in range(refused):  # each on its own connection, answered by either process
             answer = httpx.get(f"{url}/healthz", headers={"x-big": "x" * 20_000}, timeout=5)
