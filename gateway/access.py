@@ -73,6 +73,15 @@ class Access:
         another message."""
         if not self.required:
             return Reader(None)
+        if token is not None and not token.startswith(TOKEN_PREFIX):
+            # The query carries message tokens only: an API key in a URL would be kept in
+            # browser histories and proxies' logs.
+            raise _unauthorized(
+                "the message token is not valid: '?token=' takes a message token; an API key "
+                "goes in the Authorization header",
+                openai,
+                "invalid",
+            )
         credential = token if token is not None else _bearer(authorization)
         if credential is None:
             raise _unauthorized(

@@ -182,6 +182,11 @@ async def test_a_message_token_reads_from_a_url_and_its_scope_holds(
         # As a bearer credential too (a client that can send headers).
         assert (await client.get(path, headers=_auth(read_token))).status_code == 200
         assert (await client.get(path)).status_code == 401
+        # The query takes message tokens only: not an API key, not anything else.
+        for not_a_token in (key, "abc", ""):
+            refused = await client.get(path, params={"token": not_a_token})
+            assert refused.status_code == 401
+            assert "message token" in refused.json()["error"]["message"]
 
 
 async def test_rotation_accepts_the_previous_secret_until_it_is_dropped(
