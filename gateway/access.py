@@ -51,7 +51,7 @@ class Access:
         works."""
         if not self.required:
             return None
-        credential = _bearer(authorization)
+        credential = bearer(authorization)
         if credential is None:
             raise _unauthorized("no API key: send Authorization: Bearer <key>", openai, "missing")
         key = await self._find(credential)
@@ -82,7 +82,7 @@ class Access:
                 openai,
                 "invalid",
             )
-        credential = token if token is not None else _bearer(authorization)
+        credential = token if token is not None else bearer(authorization)
         if credential is None:
             raise _unauthorized(
                 "no credential: send an API key (Authorization: Bearer) or the message's token "
@@ -139,7 +139,8 @@ def check_grant(grant: Grant, message_id: str, scope: str, *, openai: bool) -> N
         )
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer(authorization: str | None) -> str | None:
+    """The credential of an ``Authorization: Bearer`` header (None without one)."""
     if authorization is None:
         return None
     scheme, _, credential = authorization.strip().partition(" ")

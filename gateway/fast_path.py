@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl
 
 import httptools
 
-from gateway.access import check_grant
+from gateway.access import bearer, check_grant
 from gateway.errors import ApiError
 from gateway.message_tokens import PREFIX as TOKEN_PREFIX
 from gateway.message_tokens import READ
@@ -25,8 +25,7 @@ def granted(
     """Whether a per-message token (in the query, else the Authorization header) lets this
     request read the message, as the application would decide."""
     if token is None and head.authorization is not None:
-        scheme, _, credential = head.authorization.decode("latin-1").strip().partition(" ")
-        token = credential.strip() if scheme.lower() == "bearer" else None
+        token = bearer(head.authorization.decode("latin-1"))
     if token is None or not token.startswith(TOKEN_PREFIX):
         return False  # no credential, or an API key: looked up in Redis by the application
     try:
