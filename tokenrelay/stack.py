@@ -144,8 +144,8 @@ class LocalStack:
             code = await process.wait()
             if self.stopping or member.held or process is not member.process:
                 return
-            member.deaths = 1 if loop.time() - started >= _HEALTHY_AFTER_S else member.deaths + 1
-            delay = min(_MAX_RESTART_S, _FIRST_RESTART_S * 2 ** (member.deaths - 1))
+            member.deaths = _deaths_in_a_row(member.deaths, loop.time() - started)
+            delay = _restart_delay_s(member.deaths)
             _log.warning("%s exited (%s); starting it again in %.1f s", member.name, code, delay)
             await asyncio.sleep(delay)
             if self.stopping or member.held:
@@ -164,7 +164,9 @@ class LocalStack:
         """Start a cluster node that died again, on its port with its cluster configuration:
         it rejoins, as a replica of the node that took its slots over."""
         cluster = self.cluster
+        loop = asyncio.get_running_loop()
         deaths: dict[int, int] = {}
+        started = dict.fromkeys(cluster.processes, loop.time())
         while not self.stopping:
             await asyncio.sleep(_CLUSTER_POLL_S)
             for port, process in list(cluster.processes.items()):
@@ -172,13 +174,10 @@ class LocalStack:
                 if code is None or self.stopping:
                     continue
                 del cluster.processes[port]
-                deaths[port] = deaths.get(port, 0) + 1
+                deaths[port] = _deaths_in_a_row(deaths.get(port, 0), loop.time() - started[port])
                 # Not before its replica took over: a node back within the node timeout would
                 # serve its slots again, empty (the stack's Redis keeps nothing on disk).
-                delay = max(
-                    3 * cluster.node_timeout_ms / 1000,
-                    min(_MAX_RESTART_S, _FIRST_RESTART_S * 2 ** (deaths[port] - 1)),
-                )
+                delay = max(3 * cluster.node_timeout_ms / 1000, _restart_delay_s(deaths[port]))
                 _log.warning(
                     "Redis Cluster node %d exited (%s); starting it again in %.1f s",
                     port,
@@ -193,6 +192,7 @@ class LocalStack:
                 except (OSError, RuntimeError) as exc:
                     _log.error("Redis Cluster node %d could not be started again: %s", port, exc)
                     continue
+                started[port] = loop.time()
                 _log.info(
                     "Redis Cluster node %d started again (pid %d)",
                     port,
@@ -211,6 +211,17 @@ class LocalStack:
         await _stop(list(self.gateways.values()))
         await _stop(list(self.workers.values()))
         await _stop([] if self.redis is None else [self.redis])
+
+
+def _deaths_in_a_row(deaths: int, lived_s: float) -> int:
+    """Deaths in a row, counting one that came after ``lived_s``: a process that lived
+    :data:`_HEALTHY_AFTER_S` was healthy, and its death starts the count again."""
+    return 1 if lived_s >= _HEALTHY_AFTER_S else deaths + 1
+
+
+def _restart_delay_s(deaths: int) -> float:
+    """How long to wait before starting a process again after ``deaths`` deaths in a row."""
+    return min(_MAX_RESTART_S, _FIRST_RESTART_S * 2.0 ** (deaths - 1))
 
 
 async def _spawn(argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
