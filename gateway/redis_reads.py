@@ -161,7 +161,7 @@ class StreamReads:
         if read is None:
             read = self._running[position] = asyncio.ensure_future(self.read(position))
             read.add_done_callback(lambda _: self._running.pop(position, None))
-            read.add_done_callback(_retrieve)
+            read.add_done_callback(retrieved)
         return await asyncio.shield(read)
 
     async def read(self, position: EntryId) -> list[Event]:
@@ -176,7 +176,8 @@ class StreamReads:
         return [*self._running.values()]
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A shared read's failure is its waiters'; nobody may be left to retrieve it.
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future whose failure is its waiters' (a shared read, a tail's
+    start): nobody may be left to wait for it, and an unretrieved failure would be reported."""
     if not future.cancelled():
         future.exception()

@@ -15,7 +15,7 @@ from gateway.batches import Batch, consecutive
 from gateway.counters import Counters
 from gateway.errors import MessageGone
 from gateway.positions import MessageInfo, StartPoint
-from gateway.redis_reads import READ_BATCH, StreamReads
+from gateway.redis_reads import READ_BATCH, StreamReads, retrieved
 from gateway.replay import Replay
 from shared import keys
 from shared.backoff import retry_delay_s
@@ -126,7 +126,7 @@ class Tail:
         self._hinted_n = -1  # the newest event announced
         self.when_started: asyncio.Future[MessageInfo] = asyncio.get_running_loop().create_future()
         # Waiters retrieve a failure; this keeps one nobody waited for from being reported.
-        self.when_started.add_done_callback(_retrieve)
+        self.when_started.add_done_callback(retrieved)
         self._task: asyncio.Task[None] | None = asyncio.create_task(self._sync(starting=True))
 
     # What joins ask
@@ -413,8 +413,3 @@ class Tail:
         await asyncio.gather(*tasks, return_exceptions=True)
         if not self.when_started.done():
             self.when_started.set_exception(MessageGone(f"tail of {self.message_id} closed"))
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
