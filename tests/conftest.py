@@ -9,13 +9,15 @@ it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Protocol, TypeVar
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -99,23 +101,38 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Stoppable)
+
+
+@contextlib.contextmanager
+def _started(what: str, start: Callable[[str], _S]) -> Iterator[_S]:
+    """``start`` run in a fresh directory, stopped and the directory removed at the end;
+    unavailable (a skip, or in CI a failure) when it does not start."""
+    workdir = tempfile.mkdtemp(prefix="tokenrelay-")
+    try:
+        setup = start(workdir)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _unavailable(f"{what} did not start: {exc}")
+        raise AssertionError("unreachable") from exc
+    try:
+        yield setup
+    finally:
+        setup.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[LocalCluster]:
     """A private Redis Cluster for this test session: 3 primaries, 3 replicas."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         _unavailable("redis-server and redis-cli are not on PATH")
-    workdir = tempfile.mkdtemp(prefix="tokenrelay-cluster-")
-    try:
-        cluster = start_cluster(workdir)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        _unavailable(f"a Redis Cluster did not start: {exc}")
-        raise AssertionError("unreachable") from exc
-    try:
+    with _started("a Redis Cluster", start_cluster) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -123,18 +140,8 @@ def redis_sentinel() -> Iterator[LocalSentinel]:
     """A primary with one replica and three sentinels, for one test (it kills the primary)."""
     if shutil.which("redis-server") is None:
         _unavailable("redis-server is not on PATH")
-    workdir = tempfile.mkdtemp(prefix="tokenrelay-sentinel-")
-    try:
-        setup = start_sentinel(workdir)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        _unavailable(f"Sentinel did not start: {exc}")
-        raise AssertionError("unreachable") from exc
-    try:
+    with _started("Sentinel", start_sentinel) as setup:
         yield setup
-    finally:
-        setup.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(params=["standalone"])
